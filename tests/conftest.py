@@ -1,0 +1,56 @@
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+# Triton chooses compiled vs interpreted kernels when they are decorated, so this must be set
+# before dpo_kernels.triton is imported. With a GPU the kernels run compiled on CUDA instead.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _case(backend, device):
+    marks = []
+    if device == "cuda" and not HAS_CUDA:
+        marks.append(pytest.mark.skip(reason="no CUDA device on this machine"))
+    elif backend == "triton" and not HAS_TRITON:
+        marks.append(pytest.mark.skip(reason="triton is not installed"))
+    elif backend == "triton" and device == "cpu" and not INTERPRET:
+        marks.append(pytest.mark.skip(reason="a GPU is present, so Triton runs compiled on CUDA"))
+    return pytest.param((backend, device), id=f"{backend}-{device}", marks=marks)
+
+
+#: Every (backend, device) pair the oracle suite runs on.
+CASES = [_case("torch", "cpu"), _case("triton", "cpu"), _case("torch", "cuda"),
+         _case("triton", "cuda")]
+
+
+@pytest.fixture(params=CASES)
+def case(request):
+    return request.param
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill every torch.empty / empty_like float buffer with NaN, so unwritten elements show."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int64, torch.int32):
+            t.fill_(-(2**30))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
