@@ -65,9 +65,11 @@ def _triton_unusable_reason(device: torch.device) -> Optional[str]:
     )
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     global _warned_fallback
     if backend == "auto":
+        if dtype == torch.float64:
+            return "torch"  # float64 is for checking and debugging: the exact reference serves it
         if device.type == "cuda":
             reason = _triton_unusable_reason(device)
             if reason is None:
@@ -86,6 +88,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         reason = _triton_unusable_reason(device)
         if reason is not None:
             raise RuntimeError(reason)
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' takes float32, bfloat16 or float16; float64 runs "
+                            "on backend='torch' (or 'auto')")
     elif backend == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors; got tensors on {device.type!r}")
@@ -172,6 +177,7 @@ def _forward_impl(
     acc = compute_dtype(hidden.dtype)
     device = hidden.device
     rows, seg, cu_ok = _prepare(hidden, weight, labels, cu_seqlens, ignore_index)
+    bias = None if bias is None else bias.contiguous()  # kernels index bias densely
     keys = ("logp",) + (reference.STAT_KEYS if with_stats else ())
     if rows.shape[0] == 0:
         tok = {k: torch.zeros(0, dtype=acc, device=device) for k in keys + ("lse",)}
@@ -206,6 +212,7 @@ def _backward_impl(
 ):
     opts = LogitOptions(ignore_index, temperature, logit_scale, softcap if softcap > 0 else None)
     rows, seg, _ = _prepare(hidden, weight, labels, cu_seqlens, ignore_index)
+    bias = None if bias is None else bias.contiguous()
     n_valid = rows.shape[0]
     needs = (need_hidden, need_weight, need_bias)
     if n_valid == 0:
@@ -445,7 +452,7 @@ def linear_logprobs(
         hidden_2d, weight, bias, labels_1d, cu_seqlens,
         int(ignore_index), float(temperature), float(logit_scale),
         float(softcap) if softcap is not None else 0.0,
-        per_token, bool(return_stats), _resolve_backend(backend, hidden.device),
+        per_token, bool(return_stats), _resolve_backend(backend, hidden.device, hidden.dtype),
     )
     logps, _lse, num_tokens, logits_sum, entropy_sum, top1, lss = outs
     if reduction == "mean":

@@ -94,11 +94,15 @@ def segment_sum(x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     """Sums of ``x (Nv,)`` over the segments ``[seg[i], seg[i+1])``, deterministic on any device.
 
     A float64 prefix sum and a difference: no atomics, and the difference loses only ~1e-16 of
-    the prefix magnitude, far below the float32 values summed.
+    the prefix magnitude, far below the float32 values summed. A non-finite value (the NaN of a
+    bad label) makes its own segment NaN and leaves the others alone.
     """
-    prefix = torch.zeros(x.shape[0] + 1, dtype=torch.float64, device=x.device)
-    torch.cumsum(x.to(torch.float64), 0, out=prefix[1:])
-    return (prefix[seg[1:]] - prefix[seg[:-1]]).to(x.dtype)
+    finite = torch.isfinite(x)
+    prefix = torch.zeros((2, x.shape[0] + 1), dtype=torch.float64, device=x.device)
+    torch.cumsum(torch.stack([torch.where(finite, x, 0).double(), (~finite).double()]), 1,
+                 out=prefix[:, 1:])
+    sums, n_bad = prefix[:, seg[1:]] - prefix[:, seg[:-1]]
+    return torch.where(n_bad > 0, float("nan"), sums).to(x.dtype)
 
 
 def _token_chunk(n_rows: int, vocab: int, itemsize: int) -> int:

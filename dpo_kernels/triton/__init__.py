@@ -4,7 +4,7 @@ Imported lazily by :mod:`dpo_kernels.logprobs` on first use, because Triton deci
 ``@triton.jit`` time whether kernels are compiled or interpreted.
 """
 
-from .backward import backward
-from .forward import forward
+from .logprobs_backward import backward
+from .logprobs_forward import forward
 
 __all__ = ["forward", "backward"]

@@ -15,7 +15,8 @@ def tanh(x):
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
     big = (1.0 - e) / (1.0 + e)
-    x2 = a * a
+    a_s = tl.minimum(a, 0.55)  # the series is only selected below 0.55: keep it finite elsewhere
+    x2 = a_s * a_s
     p = -929569.0 / 638512875.0
     p = p * x2 + 21844.0 / 6081075.0
     p = p * x2 - 1382.0 / 155925.0
@@ -23,7 +24,7 @@ def tanh(x):
     p = p * x2 - 17.0 / 315.0
     p = p * x2 + 2.0 / 15.0
     p = p * x2 - 1.0 / 3.0
-    small = a + a * x2 * p
+    small = a_s + a_s * x2 * p
     r = tl.where(a < 0.55, small, big)
     return tl.where(x < 0.0, -r, r)
 

@@ -1,0 +1,131 @@
+"""The ``dpo-kernels`` command.
+
+``dpo-kernels demo`` runs one DPO-shaped batch through ``linear_logprobs`` and through the naive
+``log_softmax(h @ Wᵀ)`` on whatever device is here, and prints time, agreement and memory.
+``dpo-kernels info`` prints versions and which backends can run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from . import __version__, cpu
+from .logprobs import _triton_unusable_reason, linear_logprobs
+
+
+def _naive_logprobs(hidden, weight, labels, ignore_index=-100):
+    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    valid = labels != ignore_index
+    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * valid).sum(-1)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _run(fn, device, repeats):
+    """Median seconds of fn() (forward + backward), and the peak CUDA memory it added."""
+    fn()  # warm-up: compiles kernels, fills caches
+    _sync(device)
+    times = []
+    base = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+    return sorted(times)[len(times) // 2], peak
+
+
+def demo(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    pairs, seq_len, dim, vocab = args.pairs, args.seq_len, args.hidden, args.vocab
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(2 * pairs, seq_len, dim, device=device, generator=g).to(dtype)
+    weight = (torch.randn(vocab, dim, device=device, generator=g) * dim**-0.5).to(dtype)
+    labels = torch.randint(0, vocab, (2 * pairs, seq_len), device=device, generator=g)
+    labels[:, : seq_len // 4] = -100  # the prompt: ignored, and never scored by the kernels
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def ours():
+        out = linear_logprobs(hidden, weight, labels)
+        torch.autograd.grad(out.sum(), [hidden, weight])
+        return out
+
+    def naive():
+        out = _naive_logprobs(hidden, weight, labels)
+        torch.autograd.grad(out.sum(), [hidden, weight])
+        return out
+
+    print(f"dpo-kernels {__version__} demo on {device.type}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f": {2 * pairs} sequences x {seq_len} tokens, D={dim}, V={vocab}, {args.dtype}")
+    logits_bytes = 2 * pairs * seq_len * vocab * 4
+    print(f"full float32 logits would take {logits_bytes / 2**20:,.0f} MiB; "
+          "linear_logprobs never materialises them")
+    with torch.no_grad():
+        diff = (linear_logprobs(hidden, weight, labels) - _naive_logprobs(hidden, weight, labels))
+    print(f"max |ours - naive| per-sequence log-prob: {diff.abs().max().item():.3g}")
+    for name, fn in (("dpo_kernels", ours), ("naive", naive)):
+        seconds, peak = _run(fn, device, args.repeats)
+        mem = f", peak +{peak / 2**20:,.0f} MiB" if peak is not None else ""
+        print(f"  {name:12s} forward+backward {seconds * 1e3:9.1f} ms (median of "
+              f"{args.repeats}){mem}")
+    return 0
+
+
+def info(_args) -> int:
+    print(f"dpo-kernels {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    cuda = torch.cuda.is_available()
+    print(f"cuda: {torch.cuda.get_device_name(0) if cuda else 'not available'}")
+    reason = _triton_unusable_reason(torch.device("cuda" if cuda else "cpu"))
+    print(f"backend triton: {'available' if reason is None else reason}")
+    print(f"backend cpp: {'available' if cpu.is_available() else 'not built in this version'}")
+    print("backend torch: available")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("TRITON_INTERPRET=1: Triton kernels run interpreted on the CPU (slow; for tests)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dpo-kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dpo-kernels {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="time and check linear_logprobs against naive logits")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--pairs", type=int, default=2, help="preference pairs (2 sequences each)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256, help="hidden size D")
+    p.add_argument("--vocab", type=int, default=32000, help="vocab size V")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=demo)
+    p = sub.add_parser("info", help="versions and available backends")
+    p.set_defaults(func=info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""CUDA only: real LM-head shapes, and the sync-free handling of bad data on the device."""
+
+import pytest
+import torch
+
+import dpo_kernels as dk
+
+from .conftest import HAS_CUDA
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
+
+SHAPES = [  # (N tokens, D, V): Llama-3 8B head, and Gemma-2 2B with its softcap
+    (8192, 4096, 128256, None),
+    (4096, 2304, 256000, 30.0),
+]
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("n,d,v,softcap", SHAPES, ids=["llama3-8b", "gemma2-2b"])
+def test_large_head_against_fp32_chunked_reference(n, d, v, softcap, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, device="cuda", generator=g) * d**-0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    labels[: n // 4] = -100
+    cu = torch.linspace(0, n, 9, device="cuda").long()
+    grad_out = torch.randn(8, device="cuda", generator=g)
+    out = dk.linear_logprobs(hidden, weight, labels, cu_seqlens=cu, softcap=softcap)
+    d_hidden, d_weight = torch.autograd.grad(out, [hidden, weight], grad_out)
+    # The reference: the chunked torch backend on the same values in float32.
+    h32, w32 = (x.detach().float().requires_grad_() for x in (hidden, weight))
+    ref = dk.linear_logprobs(h32, w32, labels, cu_seqlens=cu, softcap=softcap, backend="torch")
+    r_hidden, r_weight = torch.autograd.grad(ref, [h32, w32], grad_out)
+    assert _rel_err(out, ref) < 1e-5
+    # Gradients are written in the input dtype: allow one rounding of it (bf16: 2**-8).
+    grad_tol = 2**-7 if dtype == torch.bfloat16 else 1e-4
+    assert _rel_err(d_hidden, r_hidden) < grad_tol
+    assert _rel_err(d_weight, r_weight) < grad_tol
+
+
+def _small():
+    hidden = torch.randn(2, 6, 16, device="cuda")
+    weight = torch.randn(50, 16, device="cuda")
+    labels = torch.randint(0, 50, (2, 6), device="cuda")
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_label_on_cuda_is_nan_without_a_sync(backend, monkeypatch):
+    monkeypatch.delenv("DPO_KERNELS_VALIDATE", raising=False)
+    hidden, weight, labels = _small()
+    labels[1, 3] = 50
+    out = dk.linear_logprobs(hidden, weight, labels, backend=backend)
+    assert torch.isfinite(out[0]) and torch.isnan(out[1])
+
+
+def test_validate_opt_in_raises_on_cuda(monkeypatch):
+    monkeypatch.setenv("DPO_KERNELS_VALIDATE", "1")
+    hidden, weight, labels = _small()
+    labels[1, 3] = 50
+    with pytest.raises(ValueError, match="labels must be in"):
+        dk.linear_logprobs(hidden, weight, labels)
+
+
+def test_bad_cu_seqlens_on_cuda_is_nan(monkeypatch):
+    monkeypatch.delenv("DPO_KERNELS_VALIDATE", raising=False)
+    hidden, weight, labels = _small()
+    cu = torch.tensor([0, 7, 5, 12], device="cuda")
+    out = dk.linear_logprobs(hidden.reshape(12, 16), weight, labels.reshape(12), cu_seqlens=cu)
+    assert torch.isnan(out).all()

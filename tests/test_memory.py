@@ -1,0 +1,79 @@
+"""No allocation reaches N·V/4 elements: full logits never exist, not even in the backward."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import dpo_kernels as dk
+from dpo_kernels.logprobs import OP_BODIES
+
+from .oracle import naive_logprobs
+from .test_logprobs import make_inputs
+
+# N·V/4 = 32768 > V·D = 16384 > N·D = 2048: the bound catches logits, not the head or activations.
+B, T, D, V = 2, 64, 16, 1024
+N = B * T
+BOUND = N * V // 4
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the element count of every new storage an op returns.
+
+    A dispatch mode is switched off while a custom op runs, so the ops of dpo_kernels are
+    replaced by their Python bodies run under this mode: their inner allocations count too.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.where = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in OP_BODIES:
+            with self:
+                return OP_BODIES[func](*args, **kwargs)
+        out = func(*args, **kwargs)
+        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                numel = t.untyped_storage().nbytes() // t.element_size()
+                if numel > self.largest:
+                    self.largest, self.where = numel, str(func)
+        return out
+
+
+def _inputs():
+    hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, "cpu",
+                                                  b=B, t=T, d=D, v=V)
+    return hidden, weight, labels, bias
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_no_allocation_reaches_a_quarter_of_the_logits(case, reduction, monkeypatch):
+    backend, device = case
+    if device != "cpu":
+        pytest.skip("allocations are recorded on the CPU")
+    # The default budget (256 MiB) holds this toy problem whole; a budget of 1/16 of the logits
+    # makes the chunking visible at a size the interpreter runs in seconds.
+    monkeypatch.setenv("DPO_KERNELS_CHUNK_MB", str(N * V * 4 / 16 / 2**20))
+    hidden, weight, labels, bias = _inputs()
+    rec = AllocationRecorder()
+    with rec:
+        stats = dk.linear_logprobs(hidden, weight, labels, bias, backend=backend,
+                                   reduction=reduction, return_stats=True)
+        stats.logps.sum().backward()
+    assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
+    assert rec.largest >= V * D, "the recorder missed the weight gradient"
+    assert rec.largest < BOUND, f"{rec.where} allocated {rec.largest} elements (>= {BOUND})"
+
+
+def test_recorder_catches_materialised_logits():
+    """The same recorder flags the naive [N × V] logits, so the test above can fail."""
+    hidden, weight, labels, bias = _inputs()
+    rec = AllocationRecorder()
+    with rec:
+        naive_logprobs(hidden, weight, labels, bias, dtype=torch.float32)["logps"].sum().backward()
+    assert rec.largest >= N * V
