@@ -22,6 +22,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def compiled_on_gpu(device: torch.device) -> bool:
+    """True when kernels for ``device`` are compiled for a GPU rather than interpreted."""
+    return device.type == "cuda" and not interpreting()
+
+
 @dataclass(frozen=True)
 class Tiles:
     block_n: int  # rows (tokens) per program
@@ -44,29 +49,27 @@ class MatmulTiles:
     precision: str
 
 
-def _fp32_precision(on_cuda: bool) -> str:
+def _fp32_precision() -> str:
     # Follow torch's own switch, so fp32 inputs get fp32 math unless the user allowed TF32.
-    if on_cuda and torch.backends.cuda.matmul.allow_tf32:
+    if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
 
 def tiles(dtype: torch.dtype, device: torch.device) -> Tiles:
-    on_cuda = device.type == "cuda" and not interpreting()
-    if not on_cuda:
+    if not compiled_on_gpu(device):
         # Small tiles keep interpreter tests fast and still exercise many tiles and splits.
         return Tiles(16, 64, 32, 4, 1, interpreter=True, precision="ieee")
     if dtype == torch.float32:
-        return Tiles(64, 128, 32, 8, 2, interpreter=False, precision=_fp32_precision(True))
+        return Tiles(64, 128, 32, 8, 2, interpreter=False, precision=_fp32_precision())
     return Tiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee")
 
 
 def matmul_tiles(dtype: torch.dtype, device: torch.device) -> MatmulTiles:
-    on_cuda = device.type == "cuda" and not interpreting()
-    if not on_cuda:
+    if not compiled_on_gpu(device):
         return MatmulTiles(32, 32, 32, 4, 1, interpreter=True, precision="ieee")
     if dtype == torch.float32:
-        return MatmulTiles(64, 64, 32, 4, 3, interpreter=False, precision=_fp32_precision(True))
+        return MatmulTiles(64, 64, 32, 4, 3, interpreter=False, precision=_fp32_precision())
     return MatmulTiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee")
 
 
@@ -77,7 +80,7 @@ def _sm_count(index: int) -> int:
 
 def target_programs(device: torch.device) -> int:
     """How many forward programs keep the device busy (two waves on a GPU)."""
-    if device.type == "cuda" and not interpreting():
+    if compiled_on_gpu(device):
         index = device.index if device.index is not None else torch.cuda.current_device()
         return 2 * _sm_count(index)
     return 8
