@@ -98,6 +98,30 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
     return backend
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (AttributeError, TypeError, RuntimeError):  # older torch, or no autocast for it
+        pass
+    return None
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Under ``torch.autocast``, run in its dtype as ``F.linear`` would (fp32 master weights)."""
+    if not isinstance(hidden, Tensor):
+        return hidden, weight, bias
+    amp = _autocast_dtype(hidden.device.type)
+    if amp is None:
+        return hidden, weight, bias
+    low = (torch.float32, torch.float16, torch.bfloat16)
+
+    def cast(t):
+        return t.to(amp) if isinstance(t, Tensor) and t.dtype in low else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _backend_module(name: str):
     if name == "triton":
         from . import triton as module  # lazy: Triton picks compile vs interpret at import
@@ -183,9 +207,11 @@ def _forward_impl(
         tok = {k: torch.zeros(0, dtype=acc, device=device) for k in keys + ("lse",)}
         seq = {k: torch.zeros(n_seq, dtype=acc, device=device) for k in keys}
     else:
-        tok, seq = _backend_module(backend).forward(
-            hidden, weight, bias, labels.index_select(0, rows), rows, seg, opts, with_stats
-        )
+        # Autocast stays on inside a custom op: keep it off the backends' own fp32 math.
+        with torch.autocast(device.type, enabled=False):
+            tok, seq = _backend_module(backend).forward(
+                hidden, weight, bias, labels.index_select(0, rows), rows, seg, opts, with_stats
+            )
     lse = _scatter_rows(tok["lse"], rows, n, acc)
     if per_token:
         vals = {k: _scatter_rows(tok[k], rows, n, acc) for k in keys}
@@ -226,15 +252,16 @@ def _backward_impl(
             token_pos = torch.arange(n_valid, device=hidden.device)
             seq_of = torch.searchsorted(seg[1:], token_pos, right=True)
             grad_c = grad.index_select(0, seq_of.clamp_(max=seg.shape[0] - 2))
-        d_hidden, d_weight, d_bias = _backend_module(backend).backward(
-            hidden, weight, bias, labels.index_select(0, rows), rows,
-            lse.index_select(0, rows), grad_c, opts, needs,
-        )
-    empty = hidden.new_empty(0)
+        with torch.autocast(hidden.device.type, enabled=False):
+            d_hidden, d_weight, d_bias = _backend_module(backend).backward(
+                hidden, weight, bias, labels.index_select(0, rows), rows,
+                lse.index_select(0, rows), grad_c, opts, needs,
+            )
+    # Custom-op outputs may not alias: each unneeded gradient is its own empty tensor.
     return (
-        d_hidden if need_hidden else empty,
-        d_weight if need_weight else empty,
-        d_bias if need_bias else empty,
+        d_hidden if need_hidden else hidden.new_empty(0),
+        d_weight if need_weight else hidden.new_empty(0),
+        d_bias if need_bias else hidden.new_empty(0),
     )
 
 
@@ -436,7 +463,9 @@ def linear_logprobs(
     float32 (float64 for float64 inputs); differentiable w.r.t. ``hidden``, ``weight``, ``bias``.
     ``return_stats=True`` returns a :class:`LogProbStats` from the same pass. ``backend``:
     ``"auto"`` (Triton on CUDA, else the CPU backend), ``"triton"``, ``"cpp"`` or ``"torch"``.
+    Under ``torch.autocast`` the inputs are cast to its dtype first, as ``F.linear`` does.
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_args(hidden, weight, labels, bias, cu_seqlens, reduction, temperature,
                 logit_scale, softcap, ignore_index, backend)
     dim = weight.shape[1]

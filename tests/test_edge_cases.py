@@ -171,3 +171,34 @@ def test_out_of_range_label_gives_nan_in_backend(backend):
     assert torch.isnan(seq["logp"]).tolist() == [True, False, True]
     assert torch.isfinite(tok["lse"]).all()
 
+
+
+def test_autocast_with_fp32_master_weights(case):
+    """Under AMP, hidden is bf16 and the head fp32: run in bf16 as F.linear would."""
+    backend, device = case
+    hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = dk.linear_logprobs(hidden.bfloat16(), weight, labels, bias, backend=backend)
+    out.sum().backward()
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    cast = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight, bias)]
+    ref = dk.linear_logprobs(*cast[:2], labels, cast[2], backend=backend)
+    ref.sum().backward()
+    assert torch.equal(out, ref)
+    assert torch.equal(weight.grad, cast[1].grad.float())
+
+
+@pytest.mark.parametrize("trainable", ["hidden", "weight", "bias"])
+def test_gradients_of_a_subset(case, trainable):
+    """A frozen head (LoRA) or frozen activations: only the needed gradients, still right."""
+    backend, device = case
+    hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, device)
+    full = torch.autograd.grad(
+        dk.linear_logprobs(hidden, weight, labels, bias, backend=backend).sum(),
+        [hidden, weight, bias])
+    params = {"hidden": hidden, "weight": weight, "bias": bias}
+    for name, p in params.items():
+        p.requires_grad_(name == trainable)
+    out = dk.linear_logprobs(hidden, weight, labels, bias, backend=backend)
+    (grad,) = torch.autograd.grad(out.sum(), [params[trainable]])
+    assert torch.equal(grad, full[list(params).index(trainable)])
