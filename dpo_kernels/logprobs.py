@@ -160,22 +160,27 @@ def _check_cu_seqlens(cu_seqlens: Tensor, n: int) -> None:
         )
 
 
-def _prepare(hidden, weight, labels, cu_seqlens, ignore_index):
-    """Checks data where that is free, compacts the valid rows, maps sequences onto them.
+def _options(ignore_index, temperature, logit_scale, softcap) -> LogitOptions:
+    # The op schema carries "no softcap" as 0.0 (validated positive otherwise).
+    return LogitOptions(ignore_index, temperature, logit_scale, softcap if softcap > 0 else None)
+
+
+def _prepare(hidden, weight, labels, cu_seqlens, ignore_index, check):
+    """Checks data where that is free (if ``check``), compacts the valid rows, maps sequences.
 
     Returns ``(rows, seg, cu_ok)``: valid row indices, per-sequence offsets into ``rows``, and a
     device-side flag (or None) that is False when ``cu_seqlens`` was malformed but unchecked.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     validate = _validate_data()
-    if labels.device.type == "cpu" or validate:
+    if check and (labels.device.type == "cpu" or validate):
         _check_labels(labels, vocab, ignore_index)
     cu_checked = cu_seqlens.device.type == "cpu" or validate
-    if cu_checked:
+    if check and cu_checked:
         _check_cu_seqlens(cu_seqlens, n)
     cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
     valid = labels != ignore_index
-    # The one device->host sync of a call: the number of valid rows sizes every launch.
+    # The device->host sync of each pass: the number of valid rows sizes every launch.
     rows = valid.nonzero().squeeze(1)
     prefix = torch.zeros(n + 1, dtype=torch.int64, device=hidden.device)
     torch.cumsum(valid, 0, out=prefix[1:])
@@ -196,11 +201,11 @@ def _forward_impl(
     hidden, weight, bias, labels, cu_seqlens,
     ignore_index, temperature, logit_scale, softcap, per_token, with_stats, backend,
 ):
-    opts = LogitOptions(ignore_index, temperature, logit_scale, softcap if softcap > 0 else None)
+    opts = _options(ignore_index, temperature, logit_scale, softcap)
     n, n_seq = hidden.shape[0], cu_seqlens.shape[0] - 1
     acc = compute_dtype(hidden.dtype)
     device = hidden.device
-    rows, seg, cu_ok = _prepare(hidden, weight, labels, cu_seqlens, ignore_index)
+    rows, seg, cu_ok = _prepare(hidden, weight, labels, cu_seqlens, ignore_index, check=True)
     bias = None if bias is None else bias.contiguous()  # kernels index bias densely
     keys = ("logp",) + (reference.STAT_KEYS if with_stats else ())
     if rows.shape[0] == 0:
@@ -236,8 +241,9 @@ def _backward_impl(
     ignore_index, temperature, logit_scale, softcap, per_token, backend,
     need_hidden, need_weight, need_bias,
 ):
-    opts = LogitOptions(ignore_index, temperature, logit_scale, softcap if softcap > 0 else None)
-    rows, seg, _ = _prepare(hidden, weight, labels, cu_seqlens, ignore_index)
+    opts = _options(ignore_index, temperature, logit_scale, softcap)
+    # The forward checked these very tensors (saved for backward): no second pass over them.
+    rows, seg, _ = _prepare(hidden, weight, labels, cu_seqlens, ignore_index, check=False)
     bias = None if bias is None else bias.contiguous()
     n_valid = rows.shape[0]
     needs = (need_hidden, need_weight, need_bias)

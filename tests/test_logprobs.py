@@ -142,4 +142,4 @@ def test_backends_agree(dtype):
     a = dk.linear_logprobs(hidden, weight, labels, bias, backend="torch", return_stats=True)
     b = dk.linear_logprobs(hidden, weight, labels, bias, backend="triton", return_stats=True)
     for x, y, name in zip(a, b, a._fields):
-        assert_close(y, x, tol=2e-5, what=name)
+        assert_close(y, x, tol=TOL[torch.float32], what=name)  # both keep fp32 logits
