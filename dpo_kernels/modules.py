@@ -1,0 +1,605 @@
+"""Fused LM-head + preference-loss modules, drop-in for Liger-Kernel's ``LigerFusedLinear*Loss``.
+
+Each module takes the LM head and the final hidden states, runs :func:`linear_logprobs` once for the
+policy (with its statistics, so the metrics cost no second pass) and once without autograd for the
+reference model, and applies a loss from :mod:`dpo_kernels.losses`. Constructor arguments, call
+signatures and return tuples are Liger-Kernel 0.8's, so a Liger user changes one import;
+``compiled`` and ``chunk_size`` are accepted and ignored (the kernels need neither
+``torch.compile`` nor chunking). Everything a module adds over Liger is keyword-only and comes
+after Liger's arguments.
+
+The returned tuple also carries ``.metrics``: a dict of detached 0-d tensors under TRL's names
+(``rewards/chosen`` … ``nll_loss``), built from the same pass (no ``.item()``, no host sync).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .logprobs import linear_logprobs
+from .losses import (
+    cpo_loss,
+    kto_kl,
+    kto_loss,
+    ld_logps,
+    orpo_loss,
+    preference_loss,
+    simpo_loss,
+    wpo_weights,
+)
+
+__all__ = [
+    "FusedLinearDPOLoss",
+    "FusedLinearSimPOLoss",
+    "FusedLinearORPOLoss",
+    "FusedLinearCPOLoss",
+    "FusedLinearKTOLoss",
+    "PreferenceOutputs",
+    "ORPOOutputs",
+    "KTOOutputs",
+]
+
+
+# ----------------------------------------------------------------------------- return types
+
+
+class _PreferenceFields(NamedTuple):
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_logits_mean: Tensor
+    rejected_logits_mean: Tensor
+    nll_loss: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+
+
+class PreferenceOutputs(_PreferenceFields):
+    """Liger's 7-tuple (unpacks as Liger's does) plus ``.metrics`` (TRL names, detached)."""
+
+    metrics: dict[str, Tensor]
+
+
+class _ORPOFields(NamedTuple):
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_logits_mean: Tensor
+    rejected_logits_mean: Tensor
+    nll_loss: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    log_odds_ratio: Tensor
+    log_odds_chosen: Tensor
+
+
+class ORPOOutputs(_ORPOFields):
+    """Liger ORPO's 9-tuple plus ``.metrics``."""
+
+    metrics: dict[str, Tensor]
+
+
+class _KTOFields(NamedTuple):
+    chosen_logps_sum: Tensor
+    rejected_logps_sum: Tensor
+    chosen_logits_sum: Tensor
+    rejected_logits_sum: Tensor
+    chosen_rewards_sum: Tensor
+    rejected_rewards_sum: Tensor
+
+
+class KTOOutputs(_KTOFields):
+    """Liger KTO's 6-tuple plus ``.metrics``."""
+
+    metrics: dict[str, Tensor]
+
+
+def _with_metrics(cls, fields, metrics):
+    out = cls(*fields)
+    out.metrics = metrics
+    return out
+
+
+# ----------------------------------------------------------------------------- shared passes
+
+
+class _Pass(NamedTuple):
+    """One ``linear_logprobs`` pass over ``(n, T)`` sequences: ``logps`` as the loss uses them
+    (sum, mean or LD-weighted), ``sums`` the plain sums (for NLL and WPO) and the statistics."""
+
+    logps: Tensor
+    sums: Tensor
+    num_tokens: Tensor
+    logits_sum: Tensor
+    entropy_sum: Tensor
+    top1: Tensor
+    lss: Tensor
+
+
+def _check_inputs(name_input, _input, name_weight, weight, target, paired: bool) -> None:
+    if not isinstance(_input, Tensor) or _input.dim() != 3:
+        shape = tuple(_input.shape) if isinstance(_input, Tensor) else type(_input).__name__
+        raise ValueError(f"{name_input} must be (batch, T, D) hidden states, got {shape}")
+    if not isinstance(target, Tensor) or tuple(target.shape) != tuple(_input.shape[:2]):
+        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(
+            f"target must be (batch, T) = {tuple(_input.shape[:2])} like {name_input}, got {shape}"
+        )
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != _input.shape[2]:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{name_weight} must be (V, D) with D = {_input.shape[2]}, got {shape}")
+    if paired and _input.shape[0] % 2:
+        raise ValueError(
+            f"{name_input} must stack the chosen and rejected halves on dim 0 (batch 2B, chosen "
+            f"first): got an odd batch of {_input.shape[0]}"
+        )
+
+
+def _sequence_pass(hidden, weight, target, bias, *, ignore_index, average_log_prob,
+                   ld_alpha=None, backend="auto") -> _Pass:
+    if ld_alpha is None:
+        st = linear_logprobs(hidden, weight, target, bias, ignore_index=ignore_index,
+                             return_stats=True, backend=backend)
+        sums, num = st.logps, st.num_tokens
+        logps, stats = sums, st
+    else:  # LD-DPO needs per-token log-probs to split shared and tail tokens
+        st = linear_logprobs(hidden, weight, target, bias, ignore_index=ignore_index,
+                             reduction="none", return_stats=True, backend=backend)
+        num = st.num_tokens.sum(dim=1)
+        sums = st.logps.sum(dim=1)
+        logps = ld_logps(st.logps, target != ignore_index, ld_alpha)
+        stats = type(st)(*(t.sum(dim=1) for t in st))
+    if average_log_prob:
+        logps = logps / num.clamp(min=1).to(logps.dtype)
+    return _Pass(logps, sums, num, stats.logits_sum, stats.entropy_sum, stats.top1_correct,
+                 stats.log_sum_sq_probs_sum)
+
+
+def _all_positions_logits_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                              seq_weights: Optional[Tensor] = None) -> Tensor:
+    """Σ over every position and vocab entry of h·Wᵀ + b, ignored positions included (what Liger
+    reports), in O((N + V)·D) by linearity: (Σ_rows h)·(Σ_v W_v) + rows·Σ_v b_v. ``seq_weights
+    (B,)`` weights each sequence (0/1 selects sequences without a host sync)."""
+    with torch.no_grad():
+        per_seq = hidden.float().sum(dim=1)  # (B, D)
+        rows = torch.full((hidden.shape[0],), float(hidden.shape[1]), device=hidden.device)
+        if seq_weights is not None:
+            per_seq = per_seq * seq_weights.float()[:, None]
+            rows = rows * seq_weights.float()
+        total = per_seq.sum(dim=0) @ weight.float().sum(dim=0)
+        if bias is not None:
+            total = total + rows.sum() * bias.float().sum()
+        return total
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    return num.sum().float() / den.sum().clamp(min=1).float()
+
+
+def _pair_metrics(chosen: _Pass, rejected: _Pass, chosen_logps, rejected_logps,
+                  chosen_rewards, rejected_rewards, nll) -> dict[str, Tensor]:
+    """TRL's DPOTrainer metrics for one batch, from the policy pass's statistics."""
+    with torch.no_grad():
+        return {
+            "rewards/chosen": chosen_rewards.float().mean(),
+            "rewards/rejected": rejected_rewards.float().mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).float().mean(),
+            "logps/chosen": chosen_logps.detach().float().mean(),
+            "logps/rejected": rejected_logps.detach().float().mean(),
+            "logits/chosen": _ratio(chosen.logits_sum, chosen.num_tokens),
+            "logits/rejected": _ratio(rejected.logits_sum, rejected.num_tokens),
+            "entropy": (chosen.entropy_sum.sum() + rejected.entropy_sum.sum()).float()
+            / (chosen.num_tokens.sum() + rejected.num_tokens.sum()).clamp(min=1).float(),
+            "mean_token_accuracy": _ratio(chosen.top1, chosen.num_tokens),
+            "nll_loss": nll.detach().float(),
+        }
+
+
+def _split(p: _Pass):
+    half = p.logps.shape[0] // 2
+    return _Pass(*(t[:half] for t in p)), _Pass(*(t[half:] for t in p))
+
+
+class _PairedBase(nn.Module):
+    """What the paired modules share: the policy pass, the chosen NLL, Liger's logits means."""
+
+    def _policy(self, weight, _input, target, bias, average_log_prob, ld_alpha=None):
+        _check_inputs("_input", _input, "lin_weight", weight, target, paired=True)
+        p = _sequence_pass(_input, weight, target, bias, ignore_index=self.ignore_index,
+                           average_log_prob=average_log_prob, ld_alpha=ld_alpha,
+                           backend=self.backend)
+        chosen, rejected = _split(p)
+        nll = -chosen.sums.sum() / chosen.num_tokens.sum().clamp(min=1).to(chosen.sums.dtype)
+        half = _input.shape[0] // 2
+        scale = half * _input.shape[1] * weight.shape[0]
+        c_mean = _all_positions_logits_sum(_input[:half], weight, bias) / scale
+        r_mean = _all_positions_logits_sum(_input[half:], weight, bias) / scale
+        return chosen, rejected, nll, c_mean, r_mean
+
+    def _loss_with_nll(self, losses, nll):
+        loss = losses.mean()
+        if self.compute_nll_loss:
+            loss = loss + self.alpha * nll
+        return loss
+
+    def _reported_nll(self, nll):
+        return nll.detach() if self.compute_nll_loss else torch.zeros_like(nll).detach()
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+class FusedLinearDPOLoss(_PairedBase):
+    """Fused LM head + DPO-family loss; drop-in for ``LigerFusedLinearDPOLoss``.
+
+    Call: ``loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean,
+    nll_loss, chosen_rewards, rejected_rewards) = loss_fn(lin_weight, _input, target, bias=None,
+    ref_input=None, ref_weight=None, ref_bias=None, ref_chosen_logps=None,
+    ref_rejected_logps=None)`` with ``_input (2B, T, D)`` (chosen half first), ``target (2B, T)``
+    already aligned with ``_input`` (``ignore_index`` on prompt and padding).
+
+        loss = mean_pairs preference_loss(...) + alpha · NLL(chosen)   (NLL if compute_nll_loss)
+
+    RPO is ``compute_nll_loss=True`` with ``alpha`` its weight. The reference log-probs come from
+    ``ref_chosen_logps``/``ref_rejected_logps`` (precomputed), else from ``ref_input``/
+    ``ref_weight``/``ref_bias`` through the same kernel without autograd (so identical weights give
+    rewards of exactly 0), else — with ``use_ref_model=False`` — are 0 (reference-free).
+
+    Beyond Liger (keyword-only): every TRL loss type (also ``ipo``, ``aot``, ``aot_unpaired``,
+    ``sft``, ``sigmoid_norm``) and lists of them with ``loss_weights``, ``f_divergence_type``,
+    ``use_weighting`` (WPO), ``ld_alpha`` (LD-DPO), ``backend``. ``label_smoothing`` with
+    ``sigmoid`` is conservative DPO (Liger 0.8 and TRL 1.16 ignore it there).
+    ``chosen_logits_mean`` follows Liger (mean over every position, ignored ones included);
+    ``metrics["logits/chosen"]`` follows TRL (completion tokens only).
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        compute_nll_loss: bool = False,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        loss_type: Union[str, Sequence[str]] = "sigmoid",
+        label_smoothing: float = 0.0,
+        discopop_tau: float = 0.05,
+        *,
+        loss_weights: Optional[Sequence[float]] = None,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        use_weighting: bool = False,
+        ld_alpha: Optional[float] = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = alpha
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.average_log_prob = average_log_prob
+        self.chunk_size = chunk_size
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.discopop_tau = discopop_tau
+        self.loss_weights = loss_weights
+        self.f_divergence_type = f_divergence_type
+        self.f_alpha_divergence_coef = f_alpha_divergence_coef
+        self.use_weighting = use_weighting
+        self.ld_alpha = ld_alpha
+        self.backend = backend
+        # Fail at construction, not at the first step: run the option checks on a dummy pair.
+        one = torch.zeros(1)
+        preference_loss(one, one, one, one, **self._loss_kwargs(), chosen_num_tokens=one,
+                        rejected_num_tokens=one)
+        if ld_alpha is not None:
+            ld_logps(torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool), ld_alpha)
+
+    def _loss_kwargs(self):
+        return dict(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+                    loss_weights=self.loss_weights, f_divergence_type=self.f_divergence_type,
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                    discopop_tau=self.discopop_tau)
+
+    def _reference(self, target, ref_input, ref_weight, ref_bias, ref_chosen_logps,
+                   ref_rejected_logps, half):
+        if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+            raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
+        if ref_chosen_logps is not None:
+            for name, t in (("ref_chosen_logps", ref_chosen_logps),
+                            ("ref_rejected_logps", ref_rejected_logps)):
+                if not isinstance(t, Tensor) or tuple(t.shape) != (half,):
+                    shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(
+                        f"{name} must have shape ({half},) (one per pair), got {shape}"
+                    )
+            return ref_chosen_logps.detach(), ref_rejected_logps.detach()
+        if not self.use_ref_model:
+            return None, None
+        if ref_input is None or ref_weight is None:
+            raise ValueError(
+                "use_ref_model=True needs ref_input and ref_weight (the reference model's hidden "
+                "states and head), or precomputed ref_chosen_logps and ref_rejected_logps; pass "
+                "use_ref_model=False for a reference-free loss"
+            )
+        _check_inputs("ref_input", ref_input, "ref_weight", ref_weight, target, paired=True)
+        with torch.no_grad():
+            ref = _sequence_pass(ref_input, ref_weight, target, ref_bias,
+                                 ignore_index=self.ignore_index,
+                                 average_log_prob=self.average_log_prob, ld_alpha=self.ld_alpha,
+                                 backend=self.backend)
+        return ref.logps[:half], ref.logps[half:]
+
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None,
+                ref_bias=None, ref_chosen_logps=None, ref_rejected_logps=None):
+        chosen, rejected, nll, c_mean, r_mean = self._policy(
+            lin_weight, _input, target, bias, self.average_log_prob, self.ld_alpha)
+        half = _input.shape[0] // 2
+        ref_c, ref_r = self._reference(target, ref_input, ref_weight, ref_bias, ref_chosen_logps,
+                                       ref_rejected_logps, half)
+        weights = None
+        if self.use_weighting:  # WPO weights from the plain sums, as TRL
+            weights = wpo_weights(chosen.sums, rejected.sums, chosen.lss, rejected.lss,
+                                  chosen.num_tokens, rejected.num_tokens)
+        out = preference_loss(
+            chosen.logps, rejected.logps, ref_c, ref_r, **self._loss_kwargs(),
+            reference_free=ref_c is None, chosen_num_tokens=chosen.num_tokens,
+            rejected_num_tokens=rejected.num_tokens, sft_loss=nll, weights=weights,
+        )
+        loss = self._loss_with_nll(out.losses, nll)
+        metrics = _pair_metrics(chosen, rejected, chosen.logps, rejected.logps,
+                                out.chosen_rewards, out.rejected_rewards, nll)
+        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean,
+                  self._reported_nll(nll), out.chosen_rewards, out.rejected_rewards)
+        return loss, _with_metrics(PreferenceOutputs, fields, metrics)
+
+
+# ----------------------------------------------------------------------------- SimPO / CPO
+
+
+class FusedLinearSimPOLoss(_PairedBase):
+    """Fused LM head + SimPO loss; drop-in for ``LigerFusedLinearSimPOLoss``.
+
+    ``loss, outputs = loss_fn(lin_weight, _input, target, bias=None)``; average log-probs,
+    no reference model: ``loss = mean −log σ(β·(c̄ − r̄) − γ) + alpha·NLL(chosen)`` (with label
+    smoothing as Liger). Outputs as :class:`FusedLinearDPOLoss`.
+    """
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
+                 label_smoothing: float = 0.0, compute_nll_loss: bool = True,
+                 compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1, *,
+                 backend: str = "auto"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = alpha
+        self.label_smoothing = label_smoothing
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.gamma = gamma
+        self.chunk_size = chunk_size
+        self.backend = backend
+        one = torch.zeros(1)
+        simpo_loss(one, one, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        chosen, rejected, nll, c_mean, r_mean = self._policy(lin_weight, _input, target, bias, True)
+        out = simpo_loss(chosen.logps, rejected.logps, beta=self.beta, gamma=self.gamma,
+                         label_smoothing=self.label_smoothing)
+        loss = self._loss_with_nll(out.losses, nll)
+        metrics = _pair_metrics(chosen, rejected, chosen.logps, rejected.logps,
+                                out.chosen_rewards, out.rejected_rewards, nll)
+        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean,
+                  self._reported_nll(nll), out.chosen_rewards, out.rejected_rewards)
+        return loss, _with_metrics(PreferenceOutputs, fields, metrics)
+
+
+class FusedLinearCPOLoss(_PairedBase):
+    """Fused LM head + CPO loss; drop-in for ``LigerFusedLinearCPOLoss``.
+
+    ``loss, outputs = loss_fn(lin_weight, _input, target, bias=None)``:
+    ``loss = mean cpo_loss(chosen, rejected) + alpha·NLL(chosen)``. Beyond Liger: ``loss_type``
+    (``sigmoid``, ``hinge``, ``ipo``, ``simpo`` — CPO-SimPO with margin ``simpo_gamma``), as TRL's
+    ``CPOConfig``. Outputs as :class:`FusedLinearDPOLoss`.
+    """
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
+                 label_smoothing: float = 0.0, compute_nll_loss: bool = True,
+                 compiled: bool = True, average_log_prob: bool = False, chunk_size: int = 1, *,
+                 loss_type: str = "sigmoid", simpo_gamma: float = 0.5, backend: str = "auto"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = alpha
+        self.label_smoothing = label_smoothing
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.average_log_prob = average_log_prob
+        self.chunk_size = chunk_size
+        self.loss_type = loss_type
+        self.simpo_gamma = simpo_gamma
+        self.backend = backend
+        one = torch.zeros(1)
+        cpo_loss(one, one, **self._loss_kwargs())
+
+    def _loss_kwargs(self):
+        return dict(beta=self.beta, label_smoothing=self.label_smoothing,
+                    loss_type=self.loss_type, simpo_gamma=self.simpo_gamma)
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        chosen, rejected, nll, c_mean, r_mean = self._policy(
+            lin_weight, _input, target, bias, self.average_log_prob)
+        out = cpo_loss(chosen.logps, rejected.logps, **self._loss_kwargs())
+        loss = self._loss_with_nll(out.losses, nll)
+        metrics = _pair_metrics(chosen, rejected, chosen.logps, rejected.logps,
+                                out.chosen_rewards, out.rejected_rewards, nll)
+        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean,
+                  self._reported_nll(nll), out.chosen_rewards, out.rejected_rewards)
+        return loss, _with_metrics(PreferenceOutputs, fields, metrics)
+
+
+# ----------------------------------------------------------------------------- ORPO
+
+
+class FusedLinearORPOLoss(_PairedBase):
+    """Fused LM head + ORPO loss; drop-in for ``LigerFusedLinearORPOLoss``.
+
+    ``loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
+    chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen) = loss_fn(lin_weight,
+    _input, target, bias=None, nll_target=None)``; average log-probs:
+    ``loss = NLL(chosen) − β·mean log σ(log-odds)``. ``nll_target (2B, T)``, if given, supplies
+    the NLL's labels for the chosen half (one more kernel pass over that half).
+    """
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1,
+                 compute_nll_loss: bool = True, compiled: bool = True, chunk_size: int = 1, *,
+                 backend: str = "auto"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = 1.0
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.chunk_size = chunk_size
+        self.backend = backend
+        one = torch.zeros(1)
+        orpo_loss(one - 1, one - 1, beta=beta)
+
+    def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
+        chosen, rejected, nll, c_mean, r_mean = self._policy(lin_weight, _input, target, bias, True)
+        if nll_target is not None:
+            if not isinstance(nll_target, Tensor) or nll_target.shape != target.shape:
+                raise ValueError(
+                    f"nll_target must have target's shape {tuple(target.shape)}, got "
+                    f"{tuple(nll_target.shape) if isinstance(nll_target, Tensor) else nll_target}"
+                )
+            half = _input.shape[0] // 2
+            st = linear_logprobs(_input[:half], lin_weight, nll_target[:half], bias,
+                                 ignore_index=self.ignore_index, return_stats=True,
+                                 backend=self.backend)
+            nll = -st.logps.sum() / st.num_tokens.sum().clamp(min=1).to(st.logps.dtype)
+        out = orpo_loss(chosen.logps, rejected.logps, beta=self.beta)
+        loss = self._loss_with_nll(out.losses, nll)
+        metrics = _pair_metrics(chosen, rejected, chosen.logps, rejected.logps,
+                                out.chosen_rewards, out.rejected_rewards, nll)
+        metrics["log_odds_ratio"] = out.log_odds_ratio.float()
+        metrics["log_odds_chosen"] = out.log_odds_chosen.float()
+        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean,
+                  self._reported_nll(nll), out.chosen_rewards, out.rejected_rewards,
+                  out.log_odds_ratio, out.log_odds_chosen)
+        return loss, _with_metrics(ORPOOutputs, fields, metrics)
+
+
+# ----------------------------------------------------------------------------- KTO
+
+
+class FusedLinearKTOLoss(nn.Module):
+    """Fused LM head + KTO loss (unpaired); drop-in for ``LigerFusedLinearKTOLoss``.
+
+    ``loss, (chosen_logps_sum, rejected_logps_sum, chosen_logits_sum, rejected_logits_sum,
+    chosen_rewards_sum, rejected_rewards_sum) = loss_fn(_input, lin_weight, target, bias=None,
+    preference_labels=None, ref_input=None, ref_weight=None, ref_bias=None, kl=None)`` — note
+    ``_input`` comes first, as in Liger. ``_input (N, T, D)``, ``target (N, T)``,
+    ``preference_labels (N,)`` bool (true = desirable). ``loss`` is the mean of the per-example
+    losses (:func:`dpo_kernels.losses.kto_loss`).
+
+    Beyond Liger (keyword-only): precomputed ``ref_logps (N,)``; the KL estimate from mismatched
+    completions through the same kernel (``kl_input``/``kl_target`` for the policy and
+    ``ref_kl_input`` for the reference, no autograd), as TRL; ``desirable_weight``,
+    ``undesirable_weight``, ``loss_type`` (``kto`` or ``apo_zero_unpaired``), ``backend``.
+    ``chosen_logits_sum`` follows Liger (every position, ignored ones included).
+    """
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
+                 use_ref_model: bool = False, average_log_prob: bool = False,
+                 chunk_size: int = 1, *, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0, loss_type: str = "kto",
+                 backend: str = "auto"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.average_log_prob = average_log_prob
+        self.chunk_size = chunk_size
+        self.desirable_weight = desirable_weight
+        self.undesirable_weight = undesirable_weight
+        self.loss_type = loss_type
+        self.backend = backend
+        one = torch.zeros(1)
+        kto_loss(one, one, one.bool(), **self._loss_kwargs())
+
+    def _loss_kwargs(self):
+        return dict(beta=self.beta, desirable_weight=self.desirable_weight,
+                    undesirable_weight=self.undesirable_weight, loss_type=self.loss_type)
+
+    def _pass(self, _input, weight, target, bias):
+        return _sequence_pass(_input, weight, target, bias, ignore_index=self.ignore_index,
+                              average_log_prob=self.average_log_prob, backend=self.backend)
+
+    def forward(self, _input, lin_weight, target, bias=None, preference_labels=None,
+                ref_input=None, ref_weight=None, ref_bias=None, kl=None, *, ref_logps=None,
+                kl_input=None, kl_target=None, ref_kl_input=None):
+        _check_inputs("_input", _input, "lin_weight", lin_weight, target, paired=False)
+        n = _input.shape[0]
+        if not isinstance(preference_labels, Tensor) or tuple(preference_labels.shape) != (n,):
+            raise ValueError(
+                f"preference_labels must be a ({n},) tensor (true = desirable), got "
+                f"{tuple(preference_labels.shape) if isinstance(preference_labels, Tensor) else preference_labels}"  # noqa: E501
+            )
+        labels = preference_labels.to(torch.bool)
+        pol = self._pass(_input, lin_weight, target, bias)
+        if ref_logps is not None:
+            if not isinstance(ref_logps, Tensor) or tuple(ref_logps.shape) != (n,):
+                raise ValueError(f"ref_logps must have shape ({n},)")
+            ref = ref_logps.detach()
+        elif self.use_ref_model:
+            if ref_input is None or ref_weight is None:
+                raise ValueError(
+                    "use_ref_model=True needs ref_input and ref_weight, or precomputed ref_logps"
+                )
+            _check_inputs("ref_input", ref_input, "ref_weight", ref_weight, target, paired=False)
+            with torch.no_grad():
+                ref = self._pass(ref_input, ref_weight, target, ref_bias).logps
+        else:
+            ref = None
+        if kl is None and kl_input is not None:
+            if kl_target is None or ref_kl_input is None or ref_weight is None:
+                raise ValueError(
+                    "the KL estimate needs kl_input, kl_target, ref_kl_input and ref_weight"
+                )
+            with torch.no_grad():
+                pol_kl = self._pass(kl_input, lin_weight, kl_target, bias).logps
+                ref_kl = self._pass(ref_kl_input, ref_weight, kl_target, ref_bias).logps
+            kl = kto_kl(pol_kl, ref_kl)
+        out = kto_loss(pol.logps, ref, labels, kl=kl, **self._loss_kwargs())
+        loss = out.losses.mean()
+        with torch.no_grad():
+            d = labels.to(pol.logps.dtype)
+            u = 1 - d
+            fields = (
+                (pol.logps * d).sum(), (pol.logps * u).sum(),
+                _all_positions_logits_sum(_input, lin_weight, bias, d),
+                _all_positions_logits_sum(_input, lin_weight, bias, u),
+                (out.rewards * d).sum(), (out.rewards * u).sum(),
+            )
+            nd, nu = d.sum().clamp(min=1), u.sum().clamp(min=1)
+            metrics = {
+                "kl": out.kl.float(),
+                "rewards/chosen": fields[4] / nd,
+                "rewards/rejected": fields[5] / nu,
+                "rewards/margins": fields[4] / nd - fields[5] / nu,
+                "logps/chosen": fields[0] / nd,
+                "logps/rejected": fields[1] / nu,
+                "logits/chosen": _ratio(pol.logits_sum * d, pol.num_tokens * d),
+                "logits/rejected": _ratio(pol.logits_sum * u, pol.num_tokens * u),
+                "entropy": _ratio(pol.entropy_sum, pol.num_tokens),
+            }
+        return loss, _with_metrics(KTOOutputs, fields, metrics)
