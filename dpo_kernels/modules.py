@@ -160,26 +160,24 @@ def _sequence_pass(hidden, weight, target, bias, *, ignore_index, average_log_pr
 def _all_positions_logits_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                               seq_weights: Optional[Tensor] = None) -> Tensor:
     """Σ over every position and vocab entry of h·Wᵀ + b, ignored positions included (what Liger
-    reports), in O((N + V)·D) by linearity: (Σ_rows h)·(Σ_v W_v) + rows·Σ_v b_v. ``seq_weights
-    (B,)`` weights each sequence (0/1 selects sequences without a host sync)."""
+    reports), in O((N + V)·D) by linearity: (Σ_rows h)·(Σ_v W_v) + rows·Σ_v b_v, accumulated in
+    fp32 without an fp32 copy of ``weight``. ``seq_weights (B,)`` weights each sequence (0/1
+    selects sequences without a host sync). Returns ``(len(seq_weights or [1]),)`` sums."""
     with torch.no_grad():
-        per_seq = hidden.float().sum(dim=1)  # (B, D)
-        rows = torch.full((hidden.shape[0],), float(hidden.shape[1]), device=hidden.device)
-        if seq_weights is not None:
-            per_seq = per_seq * seq_weights.float()[:, None]
-            rows = rows * seq_weights.float()
-        total = per_seq.sum(dim=0) @ weight.float().sum(dim=0)
-        if bias is not None:
-            total = total + rows.sum() * bias.float().sum()
-        return total
+        per_seq = hidden.sum(dim=1, dtype=torch.float32)  # (B, D)
+        w_sum = weight.sum(dim=0, dtype=torch.float32)    # (D,)
+        b_sum = bias.sum(dtype=torch.float32) if bias is not None else 0.0
+        weights = (torch.ones(1, hidden.shape[0], device=hidden.device) if seq_weights is None
+                   else seq_weights.float().reshape(-1, hidden.shape[0]))
+        return (weights @ per_seq) @ w_sum + weights.sum(dim=1) * hidden.shape[1] * b_sum
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return num.sum().float() / den.sum().clamp(min=1).float()
 
 
-def _pair_metrics(chosen: _Pass, rejected: _Pass, chosen_logps, rejected_logps,
-                  chosen_rewards, rejected_rewards, nll) -> dict[str, Tensor]:
+def _pair_metrics(chosen: _Pass, rejected: _Pass, chosen_rewards, rejected_rewards,
+                  nll) -> dict[str, Tensor]:
     """TRL's DPOTrainer metrics for one batch, from the policy pass's statistics."""
     with torch.no_grad():
         return {
@@ -187,8 +185,8 @@ def _pair_metrics(chosen: _Pass, rejected: _Pass, chosen_logps, rejected_logps,
             "rewards/rejected": rejected_rewards.float().mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).float().mean(),
-            "logps/chosen": chosen_logps.detach().float().mean(),
-            "logps/rejected": rejected_logps.detach().float().mean(),
+            "logps/chosen": chosen.logps.detach().float().mean(),
+            "logps/rejected": rejected.logps.detach().float().mean(),
             "logits/chosen": _ratio(chosen.logits_sum, chosen.num_tokens),
             "logits/rejected": _ratio(rejected.logits_sum, rejected.num_tokens),
             "entropy": (chosen.entropy_sum.sum() + rejected.entropy_sum.sum()).float()
@@ -215,18 +213,23 @@ class _PairedBase(nn.Module):
         nll = -chosen.sums.sum() / chosen.num_tokens.sum().clamp(min=1).to(chosen.sums.dtype)
         half = _input.shape[0] // 2
         scale = half * _input.shape[1] * weight.shape[0]
-        c_mean = _all_positions_logits_sum(_input[:half], weight, bias) / scale
-        r_mean = _all_positions_logits_sum(_input[half:], weight, bias) / scale
+        halves = torch.zeros(2, _input.shape[0], device=_input.device)
+        halves[0, :half] = 1
+        halves[1, half:] = 1
+        c_mean, r_mean = (_all_positions_logits_sum(_input, weight, bias, halves) / scale).unbind()
         return chosen, rejected, nll, c_mean, r_mean
 
-    def _loss_with_nll(self, losses, nll):
-        loss = losses.mean()
+    def _finish(self, out, chosen, rejected, nll, c_mean, r_mean, cls=None, extra=()):
+        """The loss and Liger's output tuple (plus ``.metrics``) from a loss's output."""
+        loss = out.losses.mean()
         if self.compute_nll_loss:
             loss = loss + self.alpha * nll
-        return loss
-
-    def _reported_nll(self, nll):
-        return nll.detach() if self.compute_nll_loss else torch.zeros_like(nll).detach()
+        metrics = _pair_metrics(chosen, rejected, out.chosen_rewards, out.rejected_rewards, nll)
+        # Liger reports 0 when the NLL term is off; the metrics always have the real value.
+        reported_nll = nll.detach() if self.compute_nll_loss else torch.zeros_like(nll).detach()
+        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean, reported_nll,
+                  out.chosen_rewards, out.rejected_rewards, *extra)
+        return loss, _with_metrics(cls or PreferenceOutputs, fields, metrics)
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -353,12 +356,7 @@ class FusedLinearDPOLoss(_PairedBase):
             reference_free=ref_c is None, chosen_num_tokens=chosen.num_tokens,
             rejected_num_tokens=rejected.num_tokens, sft_loss=nll, weights=weights,
         )
-        loss = self._loss_with_nll(out.losses, nll)
-        metrics = _pair_metrics(chosen, rejected, chosen.logps, rejected.logps,
-                                out.chosen_rewards, out.rejected_rewards, nll)
-        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean,
-                  self._reported_nll(nll), out.chosen_rewards, out.rejected_rewards)
-        return loss, _with_metrics(PreferenceOutputs, fields, metrics)
+        return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
 
 
 # ----------------------------------------------------------------------------- SimPO / CPO
@@ -393,12 +391,7 @@ class FusedLinearSimPOLoss(_PairedBase):
         chosen, rejected, nll, c_mean, r_mean = self._policy(lin_weight, _input, target, bias, True)
         out = simpo_loss(chosen.logps, rejected.logps, beta=self.beta, gamma=self.gamma,
                          label_smoothing=self.label_smoothing)
-        loss = self._loss_with_nll(out.losses, nll)
-        metrics = _pair_metrics(chosen, rejected, chosen.logps, rejected.logps,
-                                out.chosen_rewards, out.rejected_rewards, nll)
-        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean,
-                  self._reported_nll(nll), out.chosen_rewards, out.rejected_rewards)
-        return loss, _with_metrics(PreferenceOutputs, fields, metrics)
+        return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
 
 
 class FusedLinearCPOLoss(_PairedBase):
@@ -437,12 +430,7 @@ class FusedLinearCPOLoss(_PairedBase):
         chosen, rejected, nll, c_mean, r_mean = self._policy(
             lin_weight, _input, target, bias, self.average_log_prob)
         out = cpo_loss(chosen.logps, rejected.logps, **self._loss_kwargs())
-        loss = self._loss_with_nll(out.losses, nll)
-        metrics = _pair_metrics(chosen, rejected, chosen.logps, rejected.logps,
-                                out.chosen_rewards, out.rejected_rewards, nll)
-        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean,
-                  self._reported_nll(nll), out.chosen_rewards, out.rejected_rewards)
-        return loss, _with_metrics(PreferenceOutputs, fields, metrics)
+        return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
 
 
 # ----------------------------------------------------------------------------- ORPO
@@ -486,15 +474,11 @@ class FusedLinearORPOLoss(_PairedBase):
                                  backend=self.backend)
             nll = -st.logps.sum() / st.num_tokens.sum().clamp(min=1).to(st.logps.dtype)
         out = orpo_loss(chosen.logps, rejected.logps, beta=self.beta)
-        loss = self._loss_with_nll(out.losses, nll)
-        metrics = _pair_metrics(chosen, rejected, chosen.logps, rejected.logps,
-                                out.chosen_rewards, out.rejected_rewards, nll)
-        metrics["log_odds_ratio"] = out.log_odds_ratio.float()
-        metrics["log_odds_chosen"] = out.log_odds_chosen.float()
-        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean,
-                  self._reported_nll(nll), out.chosen_rewards, out.rejected_rewards,
-                  out.log_odds_ratio, out.log_odds_chosen)
-        return loss, _with_metrics(ORPOOutputs, fields, metrics)
+        loss, outputs = self._finish(out, chosen, rejected, nll, c_mean, r_mean, ORPOOutputs,
+                                     (out.log_odds_ratio, out.log_odds_chosen))
+        outputs.metrics["log_odds_ratio"] = out.log_odds_ratio.float()
+        outputs.metrics["log_odds_chosen"] = out.log_odds_chosen.float()
+        return loss, outputs
 
 
 # ----------------------------------------------------------------------------- KTO
@@ -586,8 +570,7 @@ class FusedLinearKTOLoss(nn.Module):
             u = 1 - d
             fields = (
                 (pol.logps * d).sum(), (pol.logps * u).sum(),
-                _all_positions_logits_sum(_input, lin_weight, bias, d),
-                _all_positions_logits_sum(_input, lin_weight, bias, u),
+                *_all_positions_logits_sum(_input, lin_weight, bias, torch.stack([d, u])),
                 (out.rewards * d).sum(), (out.rewards * u).sum(),
             )
             nd, nu = d.sum().clamp(min=1), u.sum().clamp(min=1)

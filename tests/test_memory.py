@@ -77,3 +77,26 @@ def test_recorder_catches_materialised_logits():
     with rec:
         naive_logprobs(hidden, weight, labels, bias, dtype=torch.float32)["logps"].sum().backward()
     assert rec.largest >= N * V
+
+
+@pytest.mark.parametrize("module", ["dpo", "dpo_ld", "orpo", "kto"])
+def test_loss_modules_stay_below_a_quarter_of_the_logits(module, monkeypatch):
+    """The modules add a reference pass, stats and (LD-DPO) per-token log-probs, never logits."""
+    monkeypatch.setenv("DPO_KERNELS_CHUNK_MB", str(N * V * 4 / 16 / 2**20))
+    hidden, weight, labels, bias = _inputs()
+    ref_h, ref_w = hidden.detach().clone(), weight.detach().clone()
+    rec = AllocationRecorder()
+    with rec:
+        if module.startswith("dpo"):
+            fn = dk.FusedLinearDPOLoss(backend="torch", compute_nll_loss=True,
+                                       ld_alpha=0.5 if module == "dpo_ld" else None)
+            loss, _ = fn(weight, hidden, labels, bias, ref_h, ref_w)
+        elif module == "orpo":
+            loss, _ = dk.FusedLinearORPOLoss(backend="torch")(weight, hidden, labels, bias)
+        else:
+            prefs = torch.tensor([True, False])
+            loss, _ = dk.FusedLinearKTOLoss(backend="torch", use_ref_model=True)(
+                hidden, weight, labels, bias, prefs, ref_h, ref_w)
+        loss.backward()
+    assert rec.largest >= V * D, "the recorder missed the weight gradient"
+    assert rec.largest < BOUND, f"{rec.where} allocated {rec.largest} elements (>= {BOUND})"
