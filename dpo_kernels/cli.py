@@ -101,11 +101,19 @@ def info(_args) -> int:
     print(f"cuda: {torch.cuda.get_device_name(0) if cuda else 'not available'}")
     reason = _triton_unusable_reason(torch.device("cuda" if cuda else "cpu"))
     print(f"backend triton: {'available' if reason is None else reason}")
-    print(f"backend cpp: {'available' if cpu.is_available() else 'not built in this version'}")
+    reason = cpu.unavailable_reason()
+    print(f"backend cpp: {'available' if reason is None else reason}")
     print("backend torch: available")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1: Triton kernels run interpreted on the CPU (slow; for tests)")
     return 0
+
+
+def build(_args) -> int:
+    """Build (or find in the cache) the C++ CPU backend now instead of on first use."""
+    reason = cpu.unavailable_reason()
+    print("C++ CPU backend: " + ("ready" if reason is None else reason))
+    return 0 if reason is None else 1
 
 
 def main(argv=None) -> int:
@@ -123,6 +131,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=demo)
     p = sub.add_parser("info", help="versions and available backends")
     p.set_defaults(func=info)
+    p = sub.add_parser("build", help="build the C++ CPU backend now (else: on first use)")
+    p.set_defaults(func=build)
     args = parser.parse_args(argv)
     return args.func(args)
 

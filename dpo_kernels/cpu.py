@@ -1,22 +1,170 @@
-"""Loader of the C++ CPU backend (csrc/).
+"""Loader of the C++ CPU backend (``csrc/``) and its adapter to the backend interface.
 
-The extension is not written yet (it is its own piece of work); until it is, the ``"cpp"``
-backend reports itself unavailable and ``backend="auto"`` uses the torch reference on CPU.
+The extension is built with ``torch.utils.cpp_extension.load`` (ninja) on first use, into a cache
+keyed by the torch version, the source hash, the Python ABI and this CPU's instruction set, so a
+rebuild happens only when one of them changes. Building takes about a minute and prints one line;
+``dpo-kernels build`` builds it ahead of time. If it cannot be built (no compiler, no
+ninja), ``backend="auto"`` falls back to the torch reference with one warning and
+``backend="cpp"`` raises :class:`BackendUnavailable` saying why.
+
+``DPO_KERNELS_CACHE`` sets the cache folder (default ``~/.cache/dpo_kernels``);
+``DPO_KERNELS_NO_CPP=1`` disables the backend (``"auto"`` then uses the torch reference quietly).
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import reference
+
+SOURCES = ("linear_logprobs.cpp",)
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# Columns of the vocabulary per chunk: the [Nv x Vc] fp32 buffer stays small (a few MB for
+# thousands of tokens) while each GEMM is still large enough to run at full speed.
+DEFAULT_CHUNK_V = 512
+# -fno-trapping-math lets the row loops (and exp's clamp) vectorise; NaNs are counted explicitly.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fopenmp-simd", "-fno-math-errno",
+          "-fno-trapping-math")
+
+_lock = threading.Lock()
+_module = None
+_error: Optional[str] = None
 
 
 class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
 
 
-def is_available() -> bool:
-    return False
+def _source_dir() -> Path:
+    # An installed package carries csrc/ next to dpo_kernels/ (package data) or in the checkout.
+    for d in (Path(__file__).resolve().parent / "csrc", CSRC):
+        if all((d / s).is_file() for s in SOURCES):
+            return d
+    raise BackendUnavailable(f"the C++ sources ({', '.join(SOURCES)}) are not installed")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_key(src: Path) -> str:
+    h = hashlib.sha256()
+    for s in SOURCES:
+        h.update((src / s).read_bytes())
+    for part in (torch.__version__, sys.version, sysconfig.get_platform(), _cpu_flags(), *CFLAGS):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DPO_KERNELS_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dpo_kernels")
+    return Path(root)
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    src = _source_dir()
+    key = _build_key(src)
+    build_dir = _cache_dir() / f"cpu-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    name = f"dpo_kernels_cpu_{key}"
+    if not any(build_dir.glob(f"{name}*.so")):
+        print(f"dpo_kernels: building the C++ CPU backend once (about a minute) in {build_dir}",
+              file=sys.stderr, flush=True)
+    return cpp_extension.load(
+        name=name, sources=[str(src / s) for s in SOURCES], build_directory=str(build_dir),
+        extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], verbose=False,
+    )
 
 
 def load():
-    raise BackendUnavailable(
-        "backend='cpp' is not available: the C++ CPU backend (csrc/) is not part of this "
-        "version of dpo-kernels; use backend='torch' or backend='auto'"
-    )
+    """The backend object (``forward``/``backward`` of the shared interface); builds on first
+    use. Raises :class:`BackendUnavailable` with the reason if it cannot be built."""
+    global _module, _error
+    if os.environ.get("DPO_KERNELS_NO_CPP", "0") == "1":
+        raise BackendUnavailable("backend='cpp' is disabled by DPO_KERNELS_NO_CPP=1")
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                _module = _Backend(_build())
+            except BackendUnavailable as e:
+                _error = str(e)
+            except Exception as e:  # compiler, ninja or linker missing or failing
+                first = str(e).strip().splitlines()[:1] or [type(e).__name__]
+                _error = f"building the C++ CPU backend failed: {first[0][:300]}"
+    if _module is None:
+        raise BackendUnavailable(f"backend='cpp' is not available: {_error}")
+    return _module
+
+
+def is_available() -> bool:
+    """Whether the C++ backend can run here (building it on the first call)."""
+    try:
+        load()
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def unavailable_reason() -> Optional[str]:
+    try:
+        load()
+        return None
+    except BackendUnavailable as e:
+        return str(e)
+
+
+def _chunk_v(n_rows: int, vocab: int) -> int:
+    # The [Nv x Vc] fp32 buffer also obeys the memory budget (DPO_KERNELS_CHUNK_MB).
+    by_budget = reference.chunk_budget_bytes() // max(1, 4 * n_rows)
+    return int(max(1, min(vocab, DEFAULT_CHUNK_V, by_budget)))
+
+
+class _Backend:
+    """The shared backend interface (see :mod:`dpo_kernels.reference`) on the extension."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def forward(self, hidden, weight, bias, labels_c, rows, seg, opts, with_stats):
+        if hidden.dtype == torch.float64:
+            raise TypeError("backend='cpp' takes float32, bfloat16 or float16; float64 runs on "
+                            "backend='torch' (or 'auto')")
+        outs = self.ext.forward(
+            hidden, weight.contiguous(), bias, labels_c, rows, opts.pre_scale, opts.post_scale,
+            opts.softcap is not None, with_stats, _chunk_v(rows.shape[0], weight.shape[0]),
+        )
+        keys = ("logp", "lse") + (reference.STAT_KEYS if with_stats else ())
+        tok = dict(zip(keys, outs))
+        seq = {k: reference.segment_sum(v, seg) for k, v in tok.items() if k != "lse"}
+        return tok, seq
+
+    def backward(self, hidden, weight, bias, labels_c, rows, lse_c, grad_c, opts, needs):
+        dh, dw, db = self.ext.backward(
+            hidden, weight.contiguous(), bias, labels_c, rows, lse_c, grad_c, opts.pre_scale,
+            opts.post_scale, opts.softcap is not None, *needs,
+            _chunk_v(rows.shape[0], weight.shape[0]),
+        )
+        need_h, need_w, need_b = needs
+        return dh if need_h else None, dw if need_w else None, db if need_b else None
+

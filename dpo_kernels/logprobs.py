@@ -81,8 +81,17 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        elif device.type == "cpu" and cpu.is_available():
-            return "cpp"
+        elif device.type == "cpu":
+            reason = cpu.unavailable_reason()
+            if reason is None:
+                return "cpp"
+            if not _warned_fallback and os.environ.get("DPO_KERNELS_NO_CPP", "0") != "1":
+                _warned_fallback = True
+                warnings.warn(
+                    f"dpo_kernels: falling back to the torch reference backend on CPU ({reason})",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         return "torch"
     if backend == "triton":
         reason = _triton_unusable_reason(device)
@@ -94,6 +103,9 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
     elif backend == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors; got tensors on {device.type!r}")
+        if dtype == torch.float64:
+            raise TypeError("backend='cpp' takes float32, bfloat16 or float16; float64 runs "
+                            "on backend='torch' (or 'auto')")
         cpu.load()
     return backend
 

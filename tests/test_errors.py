@@ -96,10 +96,35 @@ def test_ignore_index_labels_are_not_errors():
     assert out.num_tokens.tolist() == [T - 2, T]
 
 
-def test_cpp_backend_says_why_it_is_unavailable():
+def test_cpp_backend_says_why_it_is_unavailable(monkeypatch):
     args, _ = good()
-    with pytest.raises(BackendUnavailable, match="backend='cpp' is not available"):
+    monkeypatch.setenv("DPO_KERNELS_NO_CPP", "1")
+    with pytest.raises(BackendUnavailable, match="disabled by DPO_KERNELS_NO_CPP=1"):
         dk.linear_logprobs(args["hidden"], args["weight"], args["labels"], backend="cpp")
+
+
+def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
+    """A CPU backend that cannot be built: "auto" warns once, says why, and still answers."""
+    import warnings
+
+    from dpo_kernels import cpu, logprobs
+
+    args, _ = good()
+    monkeypatch.setattr(cpu, "unavailable_reason", lambda: "no C++ compiler found")
+    monkeypatch.setattr(logprobs, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="torch reference backend on CPU.*no C.. compiler"):
+        first = dk.linear_logprobs(args["hidden"], args["weight"], args["labels"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = dk.linear_logprobs(args["hidden"], args["weight"], args["labels"])
+    assert torch.equal(first, second)
+
+
+def test_cpp_backend_rejects_float64():
+    args, _ = good()
+    with pytest.raises(TypeError, match="backend='cpp' takes float32"):
+        dk.linear_logprobs(args["hidden"].double(), args["weight"].double(), args["labels"],
+                           backend="cpp")
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
