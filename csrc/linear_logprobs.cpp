@@ -80,9 +80,8 @@ void chunk_logits(const at::Tensor& h, const at::Tensor& w_c, const c10::optiona
 
 }  // namespace
 
-// Rows per tile: a [kRows x Vc] fp32 tile (512 KiB at Vc = 512) stays in a core's L2 between the
-// GEMM that writes it and the pass that reads it.
-constexpr int64_t kRows = 256;
+// Rows per tile (the caller's tile_rows): a [rows x Vc] fp32 tile (512 KiB at 256 x 512) stays in
+// a core's L2 between the GEMM that writes it and the pass that reads it.
 
 // The row-state of the online log-sum-exp and statistics, one entry per compacted row; double
 // across chunks so that 100k-entry vocabularies sum accurately.
@@ -174,7 +173,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden_in, const at::Tensor& w
                                 const c10::optional<at::Tensor>& bias_in,
                                 const at::Tensor& labels_c, const at::Tensor& rows,
                                 double pre_scale, double post_scale, bool softcap, bool with_stats,
-                                int64_t chunk_v) {
+                                int64_t chunk_v, int64_t kRows) {
   TORCH_CHECK(hidden_in.dim() == 2 && weight_in.dim() == 2, "hidden and weight must be 2-D");
   // Worker threads of at::parallel_for do not inherit the caller's autograd state: run on
   // detached tensors so no op here records (or refuses, for out= ops) a graph.
@@ -281,7 +280,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden_in, const at::Tensor& 
                                  const at::Tensor& labels_c, const at::Tensor& rows,
                                  const at::Tensor& lse_c, const at::Tensor& grad_c,
                                  double pre_scale, double post_scale, bool softcap, bool need_h,
-                                 bool need_w, bool need_b, int64_t chunk_v) {
+                                 bool need_w, bool need_b, int64_t chunk_v, int64_t kRows) {
   at::NoGradGuard no_grad;
   const at::Tensor hidden = hidden_in.detach(), weight = weight_in.detach();
   const c10::optional<at::Tensor> bias =

@@ -31,6 +31,8 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # Columns of the vocabulary per chunk: the [Nv x Vc] fp32 buffer stays small (a few MB for
 # thousands of tokens) while each GEMM is still large enough to run at full speed.
 DEFAULT_CHUNK_V = 512
+# Rows per tile: a [rows x Vc] fp32 tile of 512 KiB fits a core's L2 with the head chunk's rows.
+TILE_ROWS = 256
 # -fno-trapping-math lets the row loops (and exp's clamp) vectorise; NaNs are counted explicitly.
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fopenmp-simd", "-fno-math-errno",
           "-fno-trapping-math")
@@ -153,6 +155,7 @@ class _Backend:
         outs = self.ext.forward(
             hidden, weight.contiguous(), bias, labels_c, rows, opts.pre_scale, opts.post_scale,
             opts.softcap is not None, with_stats, _chunk_v(rows.shape[0], weight.shape[0]),
+            TILE_ROWS,
         )
         keys = ("logp", "lse") + (reference.STAT_KEYS if with_stats else ())
         tok = dict(zip(keys, outs))
@@ -163,7 +166,7 @@ class _Backend:
         dh, dw, db = self.ext.backward(
             hidden, weight.contiguous(), bias, labels_c, rows, lse_c, grad_c, opts.pre_scale,
             opts.post_scale, opts.softcap is not None, *needs,
-            _chunk_v(rows.shape[0], weight.shape[0]),
+            _chunk_v(rows.shape[0], weight.shape[0]), TILE_ROWS,
         )
         need_h, need_w, need_b = needs
         return dh if need_h else None, dw if need_w else None, db if need_b else None

@@ -1,0 +1,52 @@
+"""Benchmarks of dpo_kernels against its peers: each method in its own process, same inputs.
+
+:func:`run_method` runs one (method, workload, shape) in a fresh Python process
+(:mod:`dpo_kernels.bench.worker`) and returns its row: median time, peak memory, loss, or the error
+that stopped it (a missing peer, an exception, a timeout) — never a silently dropped row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .methods import METHODS, WORKLOADS, unavailable_reason
+
+__all__ = ["METHODS", "WORKLOADS", "run_method"]
+
+
+def run_method(spec: dict, timeout: float = 600.0) -> dict:
+    """One results row for ``spec`` (method, workload, pairs, seq_len, hidden, vocab, dtype,
+    device, repeats, warmup): the spec's fields plus ``median_ms``, ``peak_mem_mb``, ``loss`` or
+    ``error``."""
+    row = dict(spec)
+    reason = unavailable_reason(spec["method"])
+    if reason is not None:
+        row["error"] = f"not run: {reason}"
+        return row
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # a benchmark times compiled code or none
+    # Large buffers from mmap, unmapped when freed: resident size follows live memory (glibc
+    # otherwise raises this threshold after the first big free and keeps freed memory resident).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dpo_kernels.bench.worker", json.dumps(spec)],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )
+    except subprocess.TimeoutExpired as e:
+        row["error"] = f"timeout after {timeout:.0f} s"
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        done = [float(ln.split()[1]) for ln in out.splitlines() if ln.startswith("STEP ")]
+        if done:
+            row["finished_steps_ms"] = done
+        return row
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        row["error"] = f"worker exited {proc.returncode}: {tail[0][:300]}"
+        return row
+    row.update(json.loads(lines[-1][len("RESULT "):]))
+    return row

@@ -1,0 +1,172 @@
+"""The methods a benchmark compares: ours and every peer, on the same inputs.
+
+Each method is a function ``build(inputs) -> step`` where ``step()`` runs one workload and returns
+the loss (a 0-d tensor, detached). Workloads:
+
+- ``logprobs_fwd_bwd``: the policy's per-sequence log-probs, forward + backward (of their sum);
+- ``dpo_step``: policy forward + backward, reference forward (no autograd), sigmoid DPO loss.
+
+Peers compute per-token log-probs their own way; the sum over a sequence's valid tokens and the
+loss on top are the same plain torch for all of them, so only the LM-head part differs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+WORKLOADS = ("logprobs_fwd_bwd", "dpo_step")
+METHODS = ("dpo_kernels", "naive", "trl_chunked", "torch_lce", "liger", "cce")
+BETA = 0.1
+IGNORE = -100
+
+
+@dataclass
+class Inputs:
+    """One workload's tensors: ``hidden (2P, T, D)`` (chosen rows first), ``weight (V, D)``,
+    ``labels (2P, T)`` with the prompt ignored, and the reference model's ``ref_hidden``,
+    ``ref_weight``."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    ref_hidden: torch.Tensor
+    ref_weight: torch.Tensor
+    workload: str
+
+
+def make_inputs(pairs: int, seq_len: int, hidden: int, vocab: int, dtype: torch.dtype,
+                device: str, workload: str, prompt_frac: float = 0.25, seed: int = 0) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * pairs
+    h = torch.randn(n, seq_len, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
+    labels = torch.randint(0, vocab, (n, seq_len), generator=g)
+    labels[:, : int(seq_len * prompt_frac)] = IGNORE
+    ref_h = h + 0.05 * torch.randn(h.shape, generator=g)
+    ref_w = w + 0.01 * torch.randn(w.shape, generator=g) / hidden**0.5
+
+    def put(t, grad=False):
+        return t.to(device=device, dtype=dtype).requires_grad_(grad)
+
+    return Inputs(put(h, True), put(w, True), labels.to(device), put(ref_h), put(ref_w), workload)
+
+
+def _dpo_loss(pol: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    half = pol.shape[0] // 2
+    logits = (pol[:half] - ref[:half]) - (pol[half:] - ref[half:])
+    return -F.logsigmoid(BETA * logits).mean()
+
+
+def _per_token_method(per_token: Callable) -> Callable:
+    """A method from a per-token log-prob function ``per_token(hidden2d, weight, labels1d)``
+    returning ``(N,)`` log-probs (anything at ignored positions; they are masked here)."""
+
+    def build(x: Inputs):
+        n, t, d = x.hidden.shape
+        mask = x.labels != IGNORE
+
+        def seq_logps(hidden, weight):
+            tok = per_token(hidden.reshape(-1, d), weight, x.labels.reshape(-1)).view(n, t)
+            return torch.where(mask, tok.float(), 0.0).sum(dim=1)
+
+        return _step(x, seq_logps)
+
+    return build
+
+
+def _step(x: Inputs, seq_logps: Callable) -> Callable:
+    def step():
+        x.hidden.grad = x.weight.grad = None
+        pol = seq_logps(x.hidden, x.weight)
+        if x.workload == "logprobs_fwd_bwd":
+            loss = pol.sum()
+        else:
+            with torch.no_grad():
+                ref = seq_logps(x.ref_hidden, x.ref_weight)
+            loss = _dpo_loss(pol, ref)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+def build_dpo_kernels(x: Inputs):
+    import dpo_kernels as dk
+
+    return _step(x, lambda h, w: dk.linear_logprobs(h, w, x.labels))
+
+
+def _naive_tok(h, w, labels):
+    logp = (h @ w.T).float().log_softmax(dim=-1)
+    return logp.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+
+
+def _trl_tok(h, w, labels):
+    from trl.kernels import ChunkedLogProbFunction
+
+    # As TRL's fused LM head does off Triton devices: every position scored, labels clamped.
+    out = ChunkedLogProbFunction.apply(h, w, None, labels.clamp(min=0), 1.0, 32768, None, 1.0, ())
+    return out[0]
+
+
+def _torch_lce_tok(h, w, labels):
+    ce = F.linear_cross_entropy(h, w, labels, reduction="none", ignore_index=IGNORE,
+                                options=torch.nn.LinearCrossEntropyOptions())
+    return -ce
+
+
+def _cce_tok(h, w, labels):
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if h.is_cuda else "torch_compile"
+    return -linear_cross_entropy(h, w, labels, ignore_index=IGNORE, reduction="none", impl=impl)
+
+
+def build_liger(x: Inputs):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    if x.workload != "dpo_step":
+        raise NotImplementedError("Liger's fused module computes a DPO loss, not log-probs alone")
+    loss_fn = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=True)
+
+    def step():
+        x.hidden.grad = x.weight.grad = None
+        loss, _ = loss_fn(x.weight, x.hidden, x.labels, ref_input=x.ref_hidden,
+                          ref_weight=x.ref_weight)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+BUILDERS = {
+    "dpo_kernels": build_dpo_kernels,
+    "naive": _per_token_method(_naive_tok),
+    "trl_chunked": _per_token_method(_trl_tok),
+    "torch_lce": _per_token_method(_torch_lce_tok),
+    "liger": build_liger,
+    "cce": _per_token_method(_cce_tok),
+}
+#: The package each peer needs (None: torch itself).
+REQUIRES = {"dpo_kernels": None, "naive": None, "trl_chunked": "trl", "torch_lce": None,
+            "liger": "liger_kernel", "cce": "cut_cross_entropy"}
+
+
+def unavailable_reason(method: str) -> Optional[str]:
+    """Why ``method`` cannot run here (a missing package or API), or None."""
+    if method not in BUILDERS:
+        return f"unknown method {method!r}; expected one of {', '.join(METHODS)}"
+    pkg = REQUIRES[method]
+    if pkg is not None and importlib.util.find_spec(pkg) is None:
+        return f"{pkg} is not installed"
+    if method == "torch_lce" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no LinearCrossEntropyOptions (needs >= 2.13)"
+    return None

@@ -1,0 +1,106 @@
+"""Run one method on one workload in this process and print one JSON line of results.
+
+``python -m dpo_kernels.bench.worker '<json spec>'``. Each method runs in its own process so that
+its peak resident memory (CPU) is its own. After the warm-up steps (imports, compilation, first-call
+caches) the peak is reset (``/proc/self/clear_refs``); the high-water mark over the timed steps
+minus the resident size at that point is the method's peak memory per step. The runner sets
+``MALLOC_MMAP_THRESHOLD_`` so large buffers are returned to the OS when freed and the resident
+size follows live memory. ``first_step_mem_mb`` is the same delta over the warm-up steps, from just
+after the inputs are built: one-time costs (imports, compilation, caches, the gradients' first
+allocation) included. On CUDA the same is done with ``max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from .methods import BUILDERS, make_inputs
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        return True
+    except OSError:
+        return False
+
+
+def run(spec: dict) -> dict:
+    dtype = getattr(torch, spec["dtype"])
+    device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    x = make_inputs(spec["pairs"], spec["seq_len"], spec["hidden"], spec["vocab"], dtype, device,
+                    spec["workload"], spec.get("prompt_frac", 0.25), spec.get("seed", 0))
+    step = BUILDERS[spec["method"]](x)
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    warmup, repeats = spec.get("warmup", 1), spec.get("repeats", 3)
+    # First step(s): imports, compilation, first-call caches and the gradients' first allocation.
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base0 = torch.cuda.memory_allocated()
+    else:
+        can_reset0 = _reset_peak_rss()
+        base0 = _rss_mb("VmRSS")
+    for _ in range(warmup):
+        step()
+    sync()
+    if cuda:
+        first = (torch.cuda.max_memory_allocated() - base0) / 2**20
+    else:
+        first = _rss_mb("VmHWM") - base0 if can_reset0 else float("nan")
+    # Memory is measured over the timed steps: each step's own peak above what lives between steps.
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        can_reset = _reset_peak_rss()
+        base = _rss_mb("VmRSS")
+    times, loss = [], None
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        print(f"STEP {1e3 * times[-1]:.1f}", flush=True)  # read back if the run times out
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = _rss_mb("VmHWM") - base if can_reset else float("nan")
+    return {"median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times],
+            "peak_mem_mb": peak, "first_step_mem_mb": first, "loss": float(loss)}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(argv[0])
+    try:
+        out = run(spec)
+    except Exception as e:  # reported as the row's error, never dropped
+        out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
