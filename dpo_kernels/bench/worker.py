@@ -39,6 +39,24 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+class _PeakMeter:
+    """Peak memory from now on, above the current level: CUDA allocator or resident size."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.ok = _reset_peak_rss()
+            self.base = _rss_mb("VmRSS")
+
+    def delta_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20 - self.base
+        return _rss_mb("VmHWM") - self.base if self.ok else float("nan")
+
+
 def run(spec: dict) -> dict:
     dtype = getattr(torch, spec["dtype"])
     device = spec["device"]
@@ -55,26 +73,13 @@ def run(spec: dict) -> dict:
 
     warmup, repeats = spec.get("warmup", 1), spec.get("repeats", 3)
     # First step(s): imports, compilation, first-call caches and the gradients' first allocation.
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base0 = torch.cuda.memory_allocated()
-    else:
-        can_reset0 = _reset_peak_rss()
-        base0 = _rss_mb("VmRSS")
+    mark = _PeakMeter(cuda)
     for _ in range(warmup):
         step()
     sync()
-    if cuda:
-        first = (torch.cuda.max_memory_allocated() - base0) / 2**20
-    else:
-        first = _rss_mb("VmHWM") - base0 if can_reset0 else float("nan")
-    # Memory is measured over the timed steps: each step's own peak above what lives between steps.
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        can_reset = _reset_peak_rss()
-        base = _rss_mb("VmRSS")
+    first = mark.delta_mb()
+    # Then each timed step's own peak above what lives between steps.
+    mark = _PeakMeter(cuda)
     times, loss = [], None
     for _ in range(repeats):
         sync()
@@ -83,10 +88,7 @@ def run(spec: dict) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
         print(f"STEP {1e3 * times[-1]:.1f}", flush=True)  # read back if the run times out
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = _rss_mb("VmHWM") - base if can_reset else float("nan")
+    peak = mark.delta_mb()
     return {"median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times],
             "peak_mem_mb": peak, "first_step_mem_mb": first, "loss": float(loss)}
 
