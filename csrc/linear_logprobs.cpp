@@ -1,12 +1,13 @@
 // CPU backend of dpo_kernels.linear_logprobs: forward and backward on compacted valid rows.
 //
-// The vocabulary is walked in chunks of Vc columns. For each chunk one GEMM (MKL, multi-threaded)
-// gives the raw logits of every valid row against the chunk into a reused [Nv x Vc] fp32 buffer;
-// one fused pass per row (at::parallel_for over rows, SIMD inside a row) applies the logit
-// transform and folds the chunk into the row's online log-sum-exp and statistics (forward), or
-// turns it in place into the logit gradient G (backward), which two more GEMMs turn into
-// dW[chunk] = G^T H and dH += G W[chunk]. Memory beyond the gradients: the buffer, one fp32 chunk
-// of the head, the fp32 rows H and the fp32 dH accumulator: O(Nv (Vc + D) + Vc D).
+// The vocabulary is walked in chunks of Vc columns; for each chunk, at::parallel_for hands row
+// tiles to the threads. Each thread runs one single-threaded MKL GEMM per tile into its own
+// L2-sized fp32 tile of raw logits, then one vectorised pass per row applies the logit transform
+// and folds the chunk into the row's online log-sum-exp and statistics (forward), or turns it in
+// place into the logit gradient G (backward), which two more GEMMs per tile turn into
+// dH[tile] += G W[chunk] and the thread's partial dW[chunk] += G^T H[tile]. Memory beyond the
+// gradients: the compacted fp32 rows H and dH accumulator, and per thread one tile and one
+// [Vc x D] partial: O(Nv D + threads (tile + Vc D)).
 //
 // bf16 and fp16 inputs are widened to fp32 one chunk at a time: fp32 accumulation everywhere,
 // and on CPUs without bf16 matrix units fp32 GEMMs are also the fast ones.
@@ -64,24 +65,65 @@ inline void transform_row(float* z, int64_t n, const Options& o) {
   for (int64_t j = 0; j < n; ++j) z[j] = post * std::tanh(pre * z[j]);
 }
 
-// One [Nv x Vc] chunk of raw logits: H (Nv x D, fp32) times W[c0:c0+vc]^T, plus the bias.
-at::Tensor chunk_weight(const at::Tensor& weight, int64_t c0, int64_t vc) {
-  at::Tensor w = weight.narrow(0, c0, vc);
-  return w.scalar_type() == at::kFloat ? w.contiguous() : w.to(at::kFloat).contiguous();
+// What forward and backward share: the inputs, detached (worker threads of at::parallel_for do
+// not inherit the caller's autograd state, so no op here may see a tensor that requires grad),
+// the compacted fp32 rows, and how the work is cut: vocabulary chunks of vc_max columns, tiles of
+// tile_rows rows. A [tile_rows x Vc] fp32 tile (512 KiB at 256 x 512) stays in a core's L2
+// between the GEMM that writes it and the pass that reads it; each thread has one.
+struct Problem {
+  at::Tensor hidden, weight, h, labels, tiles;
+  c10::optional<at::Tensor> bias;
+  Options o;
+  int64_t nv, vocab, vc_max, tile_rows, n_blocks, n_threads;
+};
+
+Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
+                const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
+                const at::Tensor& rows, double pre_scale, double post_scale, bool softcap,
+                int64_t chunk_v, int64_t tile_rows) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden and weight must be 2-D");
+  TORCH_CHECK(tile_rows > 0, "tile_rows must be positive");
+  Problem p;
+  p.hidden = hidden.detach();
+  p.weight = weight.detach();
+  if (bias.has_value()) p.bias = bias->detach();
+  p.o = Options{pre_scale, post_scale, softcap};
+  p.nv = rows.size(0);
+  p.vocab = weight.size(0);
+  p.vc_max = std::max<int64_t>(1, std::min(chunk_v, p.vocab));
+  p.tile_rows = tile_rows;
+  p.n_blocks = (p.nv + tile_rows - 1) / tile_rows;
+  p.n_threads = at::get_num_threads();
+  p.h = p.hidden.index_select(0, rows).to(at::kFloat).contiguous();
+  p.labels = labels_c.to(at::kLong).contiguous();
+  p.tiles = at::empty({p.n_threads, std::min(tile_rows, p.nv), p.vc_max},
+                      p.hidden.options().dtype(at::kFloat));
+  return p;
 }
 
-void chunk_logits(const at::Tensor& h, const at::Tensor& w_c, const c10::optional<at::Tensor>& bias,
-                  int64_t c0, at::Tensor& buf) {
-  at::mm_out(buf, h, w_c.t());
-  if (bias.has_value()) {
-    buf.add_(bias->narrow(0, c0, w_c.size(0)).to(at::kFloat).unsqueeze(0));
-  }
+// Columns c0..c0+vc of the head (and bias) in fp32, converted once per chunk.
+struct Chunk {
+  int64_t c0, vc;
+  at::Tensor w, b;  // b undefined without bias
+};
+
+Chunk chunk_at(const Problem& p, int64_t c0) {
+  Chunk c{c0, std::min(p.vc_max, p.vocab - c0), {}, {}};
+  at::Tensor w = p.weight.narrow(0, c0, c.vc);
+  c.w = w.scalar_type() == at::kFloat ? w.contiguous() : w.to(at::kFloat).contiguous();
+  if (p.bias.has_value()) c.b = p.bias->narrow(0, c0, c.vc).to(at::kFloat).unsqueeze(0);
+  return c;
+}
+
+// Thread t's tile of raw logits for rows r0..r0+r: H[rows] W[chunk]^T + b[chunk].
+at::Tensor tile_logits(const Problem& p, const Chunk& c, int64_t t, int64_t r0, int64_t r) {
+  at::Tensor z = p.tiles[t].narrow(0, 0, r).narrow(1, 0, c.vc);
+  at::mm_out(z, p.h.narrow(0, r0, r), c.w.t());
+  if (c.b.defined()) z.add_(c.b);
+  return z;
 }
 
 }  // namespace
-
-// Rows per tile (the caller's tile_rows): a [rows x Vc] fp32 tile (512 KiB at 256 x 512) stays in
-// a core's L2 between the GEMM that writes it and the pass that reads it.
 
 // The row-state of the online log-sum-exp and statistics, one entry per compacted row; double
 // across chunks so that 100k-entry vocabularies sum accurately.
@@ -169,79 +211,54 @@ inline void fold_row(float* z, int64_t vc, int64_t c0, int64_t y, const Options&
 
 // Per-token results on the compacted rows: logp, lse, and with stats logits_mean, entropy,
 // top1 (0/1), log_sum_sq_probs; all fp32 (Nv,). A label outside [0, V) gives logp = NaN.
-std::vector<at::Tensor> forward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
-                                const c10::optional<at::Tensor>& bias_in,
-                                const at::Tensor& labels_c, const at::Tensor& rows,
-                                double pre_scale, double post_scale, bool softcap, bool with_stats,
-                                int64_t chunk_v, int64_t kRows) {
-  TORCH_CHECK(hidden_in.dim() == 2 && weight_in.dim() == 2, "hidden and weight must be 2-D");
-  // Worker threads of at::parallel_for do not inherit the caller's autograd state: run on
-  // detached tensors so no op here records (or refuses, for out= ops) a graph.
+std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
+                                const at::Tensor& rows, double pre_scale, double post_scale,
+                                bool softcap, bool with_stats, int64_t chunk_v,
+                                int64_t tile_rows) {
   at::NoGradGuard no_grad;
-  const at::Tensor hidden = hidden_in.detach(), weight = weight_in.detach();
-  const c10::optional<at::Tensor> bias =
-      bias_in.has_value() ? c10::optional<at::Tensor>(bias_in->detach()) : c10::nullopt;
-  const Options o{pre_scale, post_scale, softcap};
-  const int64_t nv = rows.size(0), vocab = weight.size(0);
-  const int64_t vc_max = std::max<int64_t>(1, std::min(chunk_v, vocab));
-  const int64_t n_blocks = (nv + kRows - 1) / kRows;
-  at::Tensor h = hidden.index_select(0, rows).to(at::kFloat).contiguous();
-  at::Tensor labels = labels_c.to(at::kLong).contiguous();
-  auto f32 = hidden.options().dtype(at::kFloat);
+  const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
+                            chunk_v, tile_rows);
+  const int64_t nv = p.nv, vocab = p.vocab;
+  const int64_t* lab = p.labels.data_ptr<int64_t>();
   RowState st(nv);
-  // One tile buffer per thread (rows x Vc), reused for every chunk.
-  const int64_t n_threads = at::get_num_threads();
-  at::Tensor tiles = at::empty({n_threads, std::min(kRows, nv), vc_max}, f32);
-  const int64_t* lab = labels.data_ptr<int64_t>();
 
-  for (int64_t c0 = 0; c0 < vocab; c0 += vc_max) {
-    const int64_t vc = std::min(vc_max, vocab - c0);
-    const at::Tensor w_c = chunk_weight(weight, c0, vc);
-    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+  for (int64_t c0 = 0; c0 < vocab; c0 += p.vc_max) {
+    const Chunk c = chunk_at(p, c0);
+    at::parallel_for(0, p.n_blocks, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_worker;
-      at::Tensor tile_all = tiles[at::get_thread_num()];
+      const int64_t t = at::get_thread_num();
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * kRows, r = std::min(kRows, nv - r0);
-        at::Tensor z_t = tile_all.narrow(0, 0, r).narrow(1, 0, vc);
-        chunk_logits(h.narrow(0, r0, r), w_c, bias, c0, z_t);
-        float* zp = z_t.data_ptr<float>();
-        const int64_t ld = z_t.stride(0);
+        const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
+        at::Tensor z = tile_logits(p, c, t, r0, r);
+        float* zp = z.data_ptr<float>();
         for (int64_t k = 0; k < r; ++k) {
-          fold_row(zp + k * ld, vc, c0, lab[r0 + k], o, with_stats, st, r0 + k);
+          fold_row(zp + k * z.stride(0), c.vc, c0, lab[r0 + k], p.o, with_stats, st, r0 + k);
         }
       }
     });
   }
 
+  const auto f32 = p.hidden.options().dtype(at::kFloat);
+  const int64_t n_out = with_stats ? 6 : 2;
   std::vector<at::Tensor> out;
-  at::Tensor logp = at::empty({nv}, f32), lse = at::empty({nv}, f32);
-  float* lp = logp.data_ptr<float>();
-  float* ls = lse.data_ptr<float>();
+  std::vector<float*> ptr;
+  for (int64_t k = 0; k < n_out; ++k) {
+    out.push_back(at::empty({nv}, f32));
+    ptr.push_back(out.back().data_ptr<float>());
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t i = 0; i < nv; ++i) {
     const double l = st.m[i] + std::log(st.s[i]);
-    ls[i] = static_cast<float>(l);
     const bool ok = lab[i] >= 0 && lab[i] < vocab;
-    lp[i] = ok ? static_cast<float>(static_cast<double>(st.target[i]) - l)
-               : std::numeric_limits<float>::quiet_NaN();
-  }
-  out.push_back(logp);
-  out.push_back(lse);
-  if (with_stats) {
-    at::Tensor mean = at::empty({nv}, f32), ent = at::empty({nv}, f32),
-               top1 = at::empty({nv}, f32), lss = at::empty({nv}, f32);
-    float *mp = mean.data_ptr<float>(), *ep = ent.data_ptr<float>(), *tp = top1.data_ptr<float>(),
-          *sp = lss.data_ptr<float>();
-    for (int64_t i = 0; i < nv; ++i) {
-      const double l = st.m[i] + std::log(st.s[i]);
-      mp[i] = static_cast<float>(st.sumz[i] / static_cast<double>(vocab));
-      ep[i] = static_cast<float>(l - st.szx[i] / st.s[i]);
-      tp[i] = st.target[i] >= st.zmax[i] ? 1.f : 0.f;
-      sp[i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));
+    ptr[0][i] = ok ? static_cast<float>(static_cast<double>(st.target[i]) - l) : nan;  // logp
+    ptr[1][i] = static_cast<float>(l);                                                 // lse
+    if (with_stats) {
+      ptr[2][i] = static_cast<float>(st.sumz[i] / static_cast<double>(vocab));  // logits_mean
+      ptr[3][i] = static_cast<float>(l - st.szx[i] / st.s[i]);                   // entropy
+      ptr[4][i] = st.target[i] >= st.zmax[i] ? 1.f : 0.f;                        // top1
+      ptr[5][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // lss
     }
-    out.push_back(mean);
-    out.push_back(ent);
-    out.push_back(top1);
-    out.push_back(lss);
   }
   return out;
 }
@@ -275,71 +292,61 @@ inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, flo
 
 // Gradients of sum_i grad_c[i] * logp_i: (dH (N x D, input dtype, zero on ignored rows) or an
 // empty tensor, dW (V x D, weight dtype) or empty, db (V,) or empty).
-std::vector<at::Tensor> backward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
-                                 const c10::optional<at::Tensor>& bias_in,
-                                 const at::Tensor& labels_c, const at::Tensor& rows,
-                                 const at::Tensor& lse_c, const at::Tensor& grad_c,
-                                 double pre_scale, double post_scale, bool softcap, bool need_h,
-                                 bool need_w, bool need_b, int64_t chunk_v, int64_t kRows) {
+std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
+                                 const at::Tensor& rows, const at::Tensor& lse_c,
+                                 const at::Tensor& grad_c, double pre_scale, double post_scale,
+                                 bool softcap, bool need_h, bool need_w, bool need_b,
+                                 int64_t chunk_v, int64_t tile_rows) {
   at::NoGradGuard no_grad;
-  const at::Tensor hidden = hidden_in.detach(), weight = weight_in.detach();
-  const c10::optional<at::Tensor> bias =
-      bias_in.has_value() ? c10::optional<at::Tensor>(bias_in->detach()) : c10::nullopt;
-  const Options o{pre_scale, post_scale, softcap};
-  const int64_t nv = rows.size(0), vocab = weight.size(0), dim = weight.size(1);
-  const int64_t vc_max = std::max<int64_t>(1, std::min(chunk_v, vocab));
-  const int64_t n_blocks = (nv + kRows - 1) / kRows;
-  at::Tensor h = hidden.index_select(0, rows).to(at::kFloat).contiguous();
-  at::Tensor labels = labels_c.to(at::kLong).contiguous();
-  at::Tensor lse = lse_c.to(at::kFloat).contiguous();
-  at::Tensor g = grad_c.to(at::kFloat).contiguous();
-  auto f32 = hidden.options().dtype(at::kFloat);
+  const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
+                            chunk_v, tile_rows);
+  const int64_t nv = p.nv, vocab = p.vocab, dim = p.weight.size(1), n_threads = p.n_threads;
+  const at::Tensor lse = lse_c.to(at::kFloat).contiguous();
+  const at::Tensor g = grad_c.to(at::kFloat).contiguous();
+  const auto f32 = p.hidden.options().dtype(at::kFloat);
   at::Tensor dh_acc = need_h ? at::zeros({nv, dim}, f32) : at::Tensor();
-  at::Tensor dw = need_w ? at::empty_like(weight) : at::empty({0}, weight.options());
-  at::Tensor db = need_b ? at::empty({vocab}, bias->options()) : at::empty({0}, weight.options());
-  // Per thread: a G tile, and partial dW / db of the chunk over the thread's row blocks, summed
-  // in thread order after each chunk (the block-to-thread split is fixed by the thread count, so
-  // results repeat bitwise from run to run).
-  const int64_t n_threads = at::get_num_threads();
-  at::Tensor tiles = at::empty({n_threads, std::min(kRows, nv), vc_max}, f32);
-  at::Tensor dw_part = need_w ? at::empty({n_threads, vc_max, dim}, f32) : at::Tensor();
-  at::Tensor db_part = need_b ? at::empty({n_threads, vc_max}, f32) : at::Tensor();
+  at::Tensor dw = need_w ? at::empty_like(p.weight) : at::empty({0}, p.weight.options());
+  at::Tensor db = need_b ? at::empty({vocab}, p.bias->options())
+                         : at::empty({0}, p.weight.options());
+  // Per thread: partial dW / db of the chunk over the thread's row blocks, summed in thread order
+  // after each chunk (the block-to-thread split is fixed by the thread count, so results repeat
+  // bitwise from run to run).
+  at::Tensor dw_part = need_w ? at::empty({n_threads, p.vc_max, dim}, f32) : at::Tensor();
+  at::Tensor db_part = need_b ? at::empty({n_threads, p.vc_max}, f32) : at::Tensor();
   std::vector<char> used(n_threads, 0);
-  const int64_t* lab = labels.data_ptr<int64_t>();
+  const int64_t* lab = p.labels.data_ptr<int64_t>();
   const float* lsp = lse.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
 
-  for (int64_t c0 = 0; c0 < vocab; c0 += vc_max) {
-    const int64_t vc = std::min(vc_max, vocab - c0);
-    const at::Tensor w_c = chunk_weight(weight, c0, vc);
+  for (int64_t c0 = 0; c0 < vocab; c0 += p.vc_max) {
+    const Chunk c = chunk_at(p, c0);
+    const int64_t vc = c.vc;
     std::fill(used.begin(), used.end(), 0);
-    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, p.n_blocks, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_worker;
       const int64_t t = at::get_thread_num();
       used[t] = 1;
-      at::Tensor tile_all = tiles[t];
       at::Tensor dw_t = need_w ? dw_part[t].narrow(0, 0, vc) : at::Tensor();
       at::Tensor db_t = need_b ? db_part[t].narrow(0, 0, vc) : at::Tensor();
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * kRows, r = std::min(kRows, nv - r0);
-        at::Tensor z_t = tile_all.narrow(0, 0, r).narrow(1, 0, vc);
-        const at::Tensor h_b = h.narrow(0, r0, r);
-        chunk_logits(h_b, w_c, bias, c0, z_t);
-        float* zp = z_t.data_ptr<float>();
-        const int64_t ld = z_t.stride(0);
+        const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
+        at::Tensor z = tile_logits(p, c, t, r0, r);
+        const at::Tensor h_b = p.h.narrow(0, r0, r);
+        float* zp = z.data_ptr<float>();
         for (int64_t k = 0; k < r; ++k) {
           const int64_t i = r0 + k;
           const int64_t y = std::min(std::max<int64_t>(lab[i], 0), vocab - 1);
-          grad_row(zp + k * ld, vc, c0, y, lsp[i], gp[i], o);
+          grad_row(zp + k * z.stride(0), vc, c0, y, lsp[i], gp[i], p.o);
         }
-        if (need_h) dh_acc.narrow(0, r0, r).addmm_(z_t, w_c);  // this block's rows only
+        if (need_h) dh_acc.narrow(0, r0, r).addmm_(z, c.w);  // this block's rows only
         if (need_w) {
-          if (b == b0) at::mm_out(dw_t, z_t.t(), h_b);
-          else dw_t.addmm_(z_t.t(), h_b);
+          if (b == b0) at::mm_out(dw_t, z.t(), h_b);
+          else dw_t.addmm_(z.t(), h_b);
         }
         if (need_b) {
-          if (b == b0) at::sum_out(db_t, z_t, {0});
-          else db_t.add_(z_t.sum(0));
+          if (b == b0) at::sum_out(db_t, z, {0});
+          else db_t.add_(z.sum(0));
         }
       }
     });
@@ -347,21 +354,21 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden_in, const at::Tensor& 
     for (int64_t t = 0; t < n_threads; ++t) {
       if (!used[t]) continue;
       if (need_w) {
-        at::Tensor p = dw_part[t].narrow(0, 0, vc);
-        dw_c = dw_c.defined() ? dw_c.add_(p) : p;
+        at::Tensor part = dw_part[t].narrow(0, 0, vc);
+        dw_c = dw_c.defined() ? dw_c.add_(part) : part;
       }
       if (need_b) {
-        at::Tensor p = db_part[t].narrow(0, 0, vc);
-        db_c = db_c.defined() ? db_c.add_(p) : p;
+        at::Tensor part = db_part[t].narrow(0, 0, vc);
+        db_c = db_c.defined() ? db_c.add_(part) : part;
       }
     }
     if (need_w) dw.narrow(0, c0, vc).copy_(dw_c);
     if (need_b) db.narrow(0, c0, vc).copy_(db_c);
   }
-  at::Tensor dh = at::empty({0}, hidden.options());
+  at::Tensor dh = at::empty({0}, p.hidden.options());
   if (need_h) {
-    dh = at::zeros_like(hidden);
-    dh.index_copy_(0, rows, dh_acc.to(hidden.scalar_type()));
+    dh = at::zeros_like(p.hidden);
+    dh.index_copy_(0, rows, dh_acc.to(p.hidden.scalar_type()));
   }
   return {dh, dw, db};
 }

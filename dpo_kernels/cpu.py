@@ -119,21 +119,17 @@ def load():
     return _module
 
 
-def is_available() -> bool:
-    """Whether the C++ backend can run here (building it on the first call)."""
-    try:
-        load()
-        return True
-    except BackendUnavailable:
-        return False
-
-
 def unavailable_reason() -> Optional[str]:
+    """Why the C++ backend cannot run here, or None if it can (building it on the first call)."""
     try:
         load()
         return None
     except BackendUnavailable as e:
         return str(e)
+
+
+def is_available() -> bool:
+    return unavailable_reason() is None
 
 
 def _chunk_v(n_rows: int, vocab: int) -> int:
