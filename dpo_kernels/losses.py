@@ -25,6 +25,7 @@ __all__ = [
     "PreferenceLossOutput",
     "preference_loss",
     "wpo_weights",
+    "mean_nll",
     "ld_logps",
     "simpo_loss",
     "cpo_loss",
@@ -161,6 +162,12 @@ def _smoothed_sigmoid(x: Tensor, eps: float) -> Tensor:
 def _log1mexp(x: Tensor) -> Tensor:
     """log(1 − exp(x)) for x ≤ 0, accurate near 0 and for very negative x."""
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def mean_nll(logps: Tensor, num_tokens: Tensor) -> Tensor:
+    """Mean negative log-likelihood per token over a batch: ``−Σ logps / Σ num_tokens``, from
+    per-sequence *sums* of token log-probs and their token counts (0 when there is no token)."""
+    return -logps.sum() / num_tokens.sum().clamp(min=1).to(logps.dtype)
 
 
 def wpo_weights(
@@ -375,7 +382,7 @@ def preference_loss(
         elif kind == "sft":
             nll = sft_loss
             if nll is None:
-                nll = -chosen_logps.sum() / chosen_num_tokens.sum().clamp(min=1)
+                nll = mean_nll(chosen_logps, chosen_num_tokens)
             loss = nll.expand(chosen_logps.shape)
         else:  # sigmoid_norm: sigmoid loss on per-token scores
             d = per_token(c_score, chosen_num_tokens) - per_token(r_score, rejected_num_tokens)

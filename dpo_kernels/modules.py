@@ -26,6 +26,7 @@ from .losses import (
     kto_kl,
     kto_loss,
     ld_logps,
+    mean_nll,
     orpo_loss,
     preference_loss,
     simpo_loss,
@@ -210,7 +211,7 @@ class _PairedBase(nn.Module):
                            average_log_prob=average_log_prob, ld_alpha=ld_alpha,
                            backend=self.backend)
         chosen, rejected = _split(p)
-        nll = -chosen.sums.sum() / chosen.num_tokens.sum().clamp(min=1).to(chosen.sums.dtype)
+        nll = mean_nll(chosen.sums, chosen.num_tokens)
         half = _input.shape[0] // 2
         scale = half * _input.shape[1] * weight.shape[0]
         halves = torch.zeros(2, _input.shape[0], device=_input.device)
@@ -472,7 +473,7 @@ class FusedLinearORPOLoss(_PairedBase):
             st = linear_logprobs(_input[:half], lin_weight, nll_target[:half], bias,
                                  ignore_index=self.ignore_index, return_stats=True,
                                  backend=self.backend)
-            nll = -st.logps.sum() / st.num_tokens.sum().clamp(min=1).to(st.logps.dtype)
+            nll = mean_nll(st.logps, st.num_tokens)
         out = orpo_loss(chosen.logps, rejected.logps, beta=self.beta)
         loss, outputs = self._finish(out, chosen, rejected, nll, c_mean, r_mean, ORPOOutputs,
                                      (out.log_odds_ratio, out.log_odds_chosen))
