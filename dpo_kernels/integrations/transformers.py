@@ -1,0 +1,359 @@
+"""Per-sequence log-probs of a Hugging Face causal LM through the fused op, without its logits.
+
+``lm_head_spec(model)`` reads the LM head (weight, bias, tied or not) and the logit transforms the
+model's own forward applies; ``sequence_logprobs(model, ...)`` runs the backbone, shifts, and calls
+:func:`dpo_kernels.linear_logprobs` on the final hidden states, so the result equals
+``log_softmax(model(...).logits)`` gathered at the next tokens and summed per sequence.
+
+Wrappers are handled without bypassing them: DDP / FSDP / DeepSpeed engines (and the model itself,
+so module hooks such as FSDP2's or ZeRO-3's fire) are *called*, with the wrapped module's
+``forward`` redirected to the fused computation for that one call; PEFT (LoRA-style) models run
+their adapted backbone; an FSDP2 ``DTensor`` head is gathered with ``full_tensor()``, a ZeRO-3
+partitioned head with ``deepspeed.zero.GatheredParameters``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..logprobs import LogProbStats, linear_logprobs
+
+__all__ = ["LMHeadSpec", "lm_head_spec", "sequence_logprobs", "unwrap_model"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LMHeadSpec:
+    """The LM head of a model and the transforms its forward applies to the logits::
+
+        z = softcap · tanh(logit_scale · (hidden_scale · h · Wᵀ + b) / softcap)
+
+    ``weight (V, D)`` and ``bias (V,)`` are the head's own parameters (with tied embeddings,
+    the embedding matrix itself); ``softcap`` is ``None`` when the model has none; with
+    ``vocab_size`` set, only the first ``vocab_size`` rows are real tokens.
+    """
+
+    weight: Tensor
+    bias: Optional[Tensor] = None
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+    hidden_scale: float = 1.0
+    vocab_size: Optional[int] = None  # score only the first rows (models with a padded head)
+
+
+# ----------------------------------------------------------------------------- the head
+
+def _text_config(model: nn.Module):
+    config = model.config
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _attr(config, name, default=None):
+    value = getattr(config, name, None)
+    return default if value is None else value
+
+
+def _softcap(name="final_logit_softcapping"):
+    return lambda c: {"softcap": _attr(c, name)}
+
+
+def _divide_by_logits_scaling(c):
+    return {"logit_scale": 1.0 / _attr(c, "logits_scaling", 1.0)}
+
+
+# model_type (of the model that is run, i.e. model.config) → the transforms its forward applies,
+# read from its text config (transformers 5.23; each entry checked against the modeling code).
+# z = softcap·tanh(logit_scale·(hidden_scale·h·Wᵀ + b)/softcap) over the first vocab_size rows.
+_TRANSFORMS: dict[str, Callable[[Any], dict]] = {
+    **dict.fromkeys(
+        ("gemma2", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4", "gemma4_text",
+         "gemma4_unified", "vaultgemma", "nanochat", "beam", "paligemma", "mistral_large4"),
+        _softcap()),
+    "recurrent_gemma": _softcap("logits_soft_cap"),
+    "xlstm": _softcap("output_logit_soft_cap"),
+    **dict.fromkeys(("inkling2", "inkling2_text"), lambda c: {
+        "softcap": _attr(c, "final_logit_softcapping"),
+        "vocab_size": _attr(c, "unpadded_vocab_size")}),
+    **dict.fromkeys(("muse_spark", "muse_glimmer"), lambda c: {
+        "logit_scale": _attr(c, "output_multiplier", 1.0),
+        "softcap": _attr(c, "final_logit_softcapping")}),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"),
+                    lambda c: {"logit_scale": _attr(c, "logit_scale", 1.0)}),
+    **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa",
+                     "granitemoehybrid", "granitemoeshared", "granite4_vision",
+                     "granite_docling"), _divide_by_logits_scaling),
+    **dict.fromkeys(("hyperclovax", "hyperclovax_vision_v2"),
+                    lambda c: {"logit_scale": _attr(c, "logits_scaling", 1.0)}),
+    "falcon_h1": lambda c: {"logit_scale": _attr(c, "lm_head_multiplier", 1.0)},
+    "minicpm3": lambda c: {"hidden_scale": 1.0 / c.logits_scaling},
+    **dict.fromkeys(("inkling", "inkling_text"), lambda c: {
+        "hidden_scale": 1.0 / _attr(c, "logits_mup_width_multiplier", 1.0),
+        "vocab_size": _attr(c, "unpadded_vocab_size")}),
+    # Wrappers whose forward does NOT apply their text backbone's transform (plain head).
+    **dict.fromkeys(("gemma3", "aya_vision", "cohere2_vision", "granite_speech",
+                     "granite_speech_plus", "mpt"), lambda c: {}),
+}
+
+# Heads that are not a linear layer on the backbone's last hidden state, or that mask / sparsify
+# the logits: their log-probs cannot come from (weight, bias).
+_UNSUPPORTED = {
+    "modernbert-decoder": "its LM head is a dense + activation + norm prediction head",
+    "modernbert_decoder": "its LM head is a dense + activation + norm prediction head",
+    "chameleon": "its forward masks the image-token logits",
+    "gemma4_assistant": "its forward builds sparse top-k logits",
+    "gemma4_unified_assistant": "its forward builds sparse top-k logits",
+    "clvp": "its head applies a final norm outside the backbone",
+}
+
+# Config fields that mean "the logits are transformed" somewhere in transformers: an unlisted
+# model type carrying one with a non-neutral value is refused rather than guessed.
+_TRANSFORM_FIELDS = {
+    "final_logit_softcapping": None, "logits_soft_cap": None, "output_logit_soft_cap": None,
+    "logit_scale": 1.0, "logits_scaling": 1.0, "lm_head_multiplier": 1.0,
+    "output_multiplier": 1.0, "logits_mup_width_multiplier": 1.0, "unpadded_vocab_size": None,
+}
+
+
+def _logit_transforms(model_type: str, config) -> dict:
+    """The transforms model_type's forward applies to its logits (see _TRANSFORMS)."""
+    if model_type in _UNSUPPORTED:
+        raise NotImplementedError(
+            f"model type {model_type!r} is not supported by the fused LM head: "
+            f"{_UNSUPPORTED[model_type]}")
+    rule = _TRANSFORMS.get(model_type)
+    if rule is not None:
+        return rule(config)
+    odd = {name: getattr(config, name) for name, neutral in _TRANSFORM_FIELDS.items()
+           if getattr(config, name, None) not in (None, neutral)}
+    if odd:
+        raise NotImplementedError(
+            f"model type {model_type!r} sets {odd}, which may transform its logits, and "
+            "dpo_kernels does not know whether its forward applies them; please open an issue "
+            "(or build LMHeadSpec yourself and call dpo_kernels.linear_logprobs)")
+    return {}
+
+
+def lm_head_spec(model: nn.Module) -> LMHeadSpec:
+    """The head and logit transforms of a causal LM, so that ``linear_logprobs`` with them
+    reproduces ``model(...).logits`` (wrappers are looked through, see :func:`unwrap_model`).
+
+    Raises ``TypeError`` for a head that is not a floating-point ``nn.Linear``-like layer (for
+    example a 4-bit quantised head, whose packed weight the fused op cannot read).
+    """
+    model = unwrap_model(model)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise TypeError(
+            f"{type(model).__name__} has no output embeddings (get_output_embeddings() returned "
+            "None): pass a causal LM (…ForCausalLM / …ForConditionalGeneration)"
+        )
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
+        raise TypeError(
+            f"the LM head {type(head).__name__} must hold a floating-point (V, D) weight; got "
+            f"{None if weight is None else (tuple(weight.shape), weight.dtype)} "
+            "(quantised heads are not supported: keep lm_head in 16/32-bit)"
+        )
+    if type(head).forward is not nn.Linear.forward and not isinstance(head, nn.Linear):
+        raise TypeError(
+            f"the LM head {type(head).__name__} is not a linear layer; its logits cannot be "
+            "recomputed from (weight, bias)"
+        )
+    if not any(head is child for child in model.children()):
+        raise TypeError(
+            f"the LM head of {type(model).__name__} ({type(head).__name__}) is not a direct "
+            "submodule: its logits go through other layers, which the fused head cannot apply")
+    bias = getattr(head, "bias", None)
+    transforms = _logit_transforms(getattr(model.config, "model_type", ""), _text_config(model))
+    return LMHeadSpec(weight, bias, **transforms)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+def _sync_wrapper_types() -> tuple[type, ...]:
+    """Wrappers whose forward must run for gradients to be synchronised (DDP's reducer is armed
+    in its forward; FSDP1 unshards there)."""
+    types: list[type] = [nn.parallel.DistributedDataParallel]
+    with contextlib.suppress(ImportError):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        types.append(FullyShardedDataParallel)
+    return tuple(types)
+
+
+def _is_sync_wrapper(module: nn.Module) -> bool:
+    if isinstance(module, _sync_wrapper_types()):
+        return True
+    return type(module).__name__ == "DeepSpeedEngine" and isinstance(
+        getattr(module, "module", None), nn.Module)
+
+
+def _is_peft(module: nn.Module) -> bool:
+    return callable(getattr(module, "get_base_model", None)) and hasattr(module, "peft_config")
+
+
+def _peel(model: nn.Module) -> tuple[Optional[nn.Module], nn.Module]:
+    """(outermost synchronising wrapper or None, the transformers model inside)."""
+    wrapper = None
+    while True:
+        if _is_sync_wrapper(model):
+            wrapper = wrapper or model
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif _is_peft(model):
+            config = getattr(model, "active_peft_config", None)
+            if getattr(config, "is_prompt_learning", False):
+                raise NotImplementedError(
+                    "prompt-learning PEFT methods (prefix/prompt tuning) prepend virtual tokens "
+                    "inside PeftModel.forward; dpo_kernels supports adapter methods such as LoRA"
+                )
+            model = model.get_base_model()  # adapters stay injected in its layers
+        else:
+            return wrapper, model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / FSDP / DeepSpeed / ``torch.compile`` / PEFT wrappers
+    (a PEFT model's base model still runs its adapters)."""
+    return _peel(model)[1]
+
+
+def _call_through(model: nn.Module, wrapper: Optional[nn.Module], fn: Callable[[], Any]):
+    """Run ``fn()`` as the forward of ``model``: call the outermost wrapper (or the model) with
+    its inner module's ``forward`` redirected to ``fn`` for this one call, so wrapper logic and
+    module hooks run as in a normal forward."""
+    target = wrapper.module if wrapper is not None else model
+    outer = wrapper if wrapper is not None else model
+    missing = object()
+    saved = target.__dict__.get("forward", missing)  # e.g. TRL's or accelerate's patched forward
+
+    def restore():
+        if saved is missing:
+            target.__dict__.pop("forward", None)
+        else:
+            target.forward = saved
+
+    def redirected(*args, **kwargs):
+        restore()
+        return fn()
+
+    target.forward = redirected
+    try:
+        return outer()
+    finally:
+        restore()
+
+
+@contextlib.contextmanager
+def _gathered_head(weight: Tensor, bias: Optional[Tensor]):
+    """The full head for one call: DTensor shards gathered (differentiably), ZeRO-3 partitions
+    gathered and copied (the copy's gradient flows back to the partitioned parameter)."""
+    params = [p for p in (weight, bias) if p is not None]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        to_gather = [p for p in params if hasattr(p, "ds_id")
+                     and p.ds_status != ZeroParamStatus.AVAILABLE]
+        ctx = (deepspeed.zero.GatheredParameters(to_gather) if to_gather
+               else contextlib.nullcontext())
+        with ctx:
+            weight = weight.clone()
+            bias = bias.clone() if bias is not None else None
+    full = getattr(weight, "full_tensor", None)
+    if callable(full):  # torch.distributed.tensor.DTensor
+        weight = full()
+        if bias is not None and callable(getattr(bias, "full_tensor", None)):
+            bias = bias.full_tensor()
+    yield weight, bias
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def _backbone(model: nn.Module) -> nn.Module:
+    backbone = getattr(model, "base_model", None)
+    if backbone is model:  # Llama4ForCausalLM: its prefix names nothing; the backbone is .model
+        backbone = getattr(model, "model", None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        raise TypeError(
+            f"cannot find the backbone of {type(model).__name__} (its base_model_prefix "
+            f"{getattr(model, 'base_model_prefix', None)!r} names no submodule)"
+        )
+    return backbone
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    completion_mask: Optional[Tensor] = None,
+    *,
+    reduction: str = "sum",
+    temperature: float = 1.0,
+    backend: str = "auto",
+    **model_kwargs: Any,
+) -> LogProbStats:
+    """Per-sequence log-probs of a causal LM's own tokens, with the fused op.
+
+    Shapes: ``input_ids (B, T)``; ``attention_mask (B, T)`` 1 on real tokens (default: all);
+    ``completion_mask (B, T)`` 1 on the tokens to score (default: every real token). Token
+    ``t ≥ 1`` is scored from the hidden state at ``t − 1``::
+
+        logps[b] = Σ_{t ≥ 1, completion_mask[b, t] · attention_mask[b, t]} log p(x_t | x_<t)
+
+    Returns :class:`~dpo_kernels.LogProbStats` over the scored tokens: ``(B,)`` each, or
+    ``(B, T − 1)`` per token with ``reduction="none"``. ``model`` is a transformers causal LM,
+    possibly inside PEFT / DDP / FSDP / DeepSpeed / ``torch.compile`` wrappers;
+    ``model_kwargs`` go to its backbone (e.g. ``pixel_values``, ``position_ids``).
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be a (B, T) tensor, got "
+            f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(
+            f"input_ids needs at least 2 positions to score one, got T={input_ids.shape[1]}")
+    for name, mask in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
+        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != input_ids.shape):
+            raise ValueError(
+                f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    wrapper, hf_model = _peel(model)
+    spec = lm_head_spec(hf_model)
+    backbone = _backbone(hf_model)
+
+    scored = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None:
+        scored &= attention_mask.bool()
+    if completion_mask is not None:
+        scored &= completion_mask.bool()
+    labels = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)
+    model_kwargs.setdefault("use_cache", False)
+
+    def fused_forward() -> LogProbStats:
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden = hidden[:, :-1].to(spec.weight.device)
+        logit_scale = spec.logit_scale
+        if spec.hidden_scale != 1.0:
+            if spec.bias is None:  # (c·h)·Wᵀ = c·(h·Wᵀ): fold into the logit scale, no copy
+                logit_scale *= spec.hidden_scale
+            else:
+                hidden = hidden * spec.hidden_scale
+        with _gathered_head(spec.weight, spec.bias) as (weight, bias):
+            if spec.vocab_size is not None:
+                weight = weight[: spec.vocab_size]
+                bias = bias[: spec.vocab_size] if bias is not None else None
+            return linear_logprobs(
+                hidden, weight, labels.to(weight.device), bias, reduction=reduction,
+                temperature=temperature, logit_scale=logit_scale, softcap=spec.softcap,
+                return_stats=True, backend=backend)
+
+    return _call_through(model, wrapper, fused_forward)

@@ -1,0 +1,199 @@
+"""A drop-in ``trl.DPOTrainer`` whose log-probs and loss run through dpo_kernels.
+
+Change one import::
+
+    from dpo_kernels.integrations.trl import DPOTrainer   # was: from trl import DPOTrainer
+
+Same constructor, same ``trl.DPOConfig``, same logged metrics (names and meaning). What changes:
+the policy and reference log-probs are per-sequence sums from the fused LM-head op (no logits,
+no per-token log-prob tensors), and the loss is :func:`dpo_kernels.preference_loss`.
+Supported: every ``loss_type`` (and lists with ``loss_weights``), ``beta``, ``label_smoothing``,
+``f_divergence_type``, ``use_weighting``, ``ld_alpha``, ``discopop_tau``,
+``precompute_ref_log_probs``, a separate ``ref_model`` or PEFT adapters (reference = adapters
+disabled, or the ``"ref"`` adapter when present, as TRL does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from ..losses import ld_logps, mean_nll, preference_loss, wpo_weights
+from .transformers import sequence_logprobs
+
+SUPPORTED_TRL = (">=1.16", "<1.17")
+_NON_MODEL_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask",
+                             "ref_chosen_logps", "ref_rejected_logps"})
+
+
+def _check_trl_version() -> None:
+    try:
+        import trl
+    except ImportError as e:
+        raise ImportError(
+            f"dpo_kernels.integrations.trl needs TRL: pip install 'trl{','.join(SUPPORTED_TRL)}'"
+        ) from e
+    from packaging.version import Version
+
+    version = Version(trl.__version__)
+    if not (Version("1.16") <= version < Version("1.17")):
+        raise ImportError(
+            f"dpo_kernels.integrations.trl supports trl{','.join(SUPPORTED_TRL)} (it overrides "
+            f"DPOTrainer internals that change between releases); found trl {trl.__version__}. "
+            f"Install a supported TRL, or use trl.DPOTrainer itself."
+        )
+
+
+_check_trl_version()
+
+import trl  # noqa: E402
+from accelerate.utils import is_peft_model  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
+
+__all__ = ["DPOTrainer", "SUPPORTED_TRL"]
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """``trl.DPOTrainer`` with fused per-sequence log-probs (see the module docstring).
+
+    ``logprobs_backend`` (class attribute, ``"auto"``) picks the :func:`linear_logprobs` backend.
+    """
+
+    logprobs_backend = "auto"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.aux_loss_enabled:
+            raise NotImplementedError(
+                "the MoE router auxiliary loss (config.output_router_logits with "
+                "router_aux_loss_coef != 0) is not supported by dpo_kernels' DPOTrainer yet; set "
+                "DPOConfig(router_aux_loss_coef=0.0) or use trl.DPOTrainer"
+            )
+        if "sigmoid" in self.loss_types and self.label_smoothing > 0:
+            warnings.warn(
+                "TRL 1.16 ignores label_smoothing for loss_type='sigmoid' (it is used by robust, "
+                "exo_pair and aot*); this drop-in does the same so results match TRL. For "
+                "conservative DPO, use dpo_kernels.preference_loss(loss_type='sigmoid', "
+                "label_smoothing=...) or FusedLinearDPOLoss.",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ log-probs
+
+    def _sequence_pass(self, model, inputs):
+        """Per-sequence (logps as the loss uses them, raw sums, stats), chosen half first."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        ld = self.ld_alpha is not None
+        stats = sequence_logprobs(
+            model, inputs["input_ids"], inputs.get("attention_mask"), inputs["completion_mask"],
+            reduction="none" if ld else "sum", backend=self.logprobs_backend, **model_kwargs)
+        if not ld:
+            return stats.logps, stats
+        mask = inputs["completion_mask"][:, 1:].bool()
+        if inputs.get("attention_mask") is not None:
+            mask &= inputs["attention_mask"][:, 1:].bool()
+        logps = ld_logps(stats.logps, mask, self.ld_alpha)
+        return logps, type(stats)(*(t.sum(dim=1) for t in stats))
+
+    def _reference_context(self):
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped,
+                               adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch: ``(chosen (P,), rejected (P,))``."""
+        with (torch.no_grad(),
+              disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              self._reference_context(), self.accelerator.autocast()):
+            logps, _ = self._sequence_pass(model, inputs)
+        return logps.chunk(2, dim=0)
+
+    # ------------------------------------------------------------------ loss
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        logps, stats = self._sequence_pass(model, inputs)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            with (torch.no_grad(), disable_gradient_checkpointing(
+                    self.model, self.args.gradient_checkpointing_kwargs),
+                  self._reference_context()):
+                ref_logps, _ = self._sequence_pass(self.ref_model or self.model, inputs)
+            ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
+
+        # TRL length-normalises ipo / sigmoid_norm by the (unshifted) completion-mask sums, and
+        # averages the sft NLL and the WPO weights over the scored (shifted) tokens.
+        completion_len = inputs["completion_mask"].sum(dim=1)
+        chosen_len, rejected_len = completion_len.chunk(2, dim=0)
+        raw, num = stats.logps.chunk(2, dim=0), stats.num_tokens.chunk(2, dim=0)
+        sft = mean_nll(raw[0], num[0]) if "sft" in self.loss_types else None
+        weights = None
+        if self.use_weighting:
+            lssp = stats.log_sum_sq_probs_sum.chunk(2, dim=0)
+            weights = wpo_weights(raw[0], raw[1], lssp[0], lssp[1], num[0], num[1])
+        loss = 0.0
+        for kind, weight in zip(self.loss_types, self.loss_weights):
+            # One call per type: TRL applies label_smoothing to robust/exo_pair/aot*, not sigmoid.
+            losses, chosen_rewards, rejected_rewards = preference_loss(
+                chosen_logps, rejected_logps, ref_chosen.to(chosen_logps),
+                ref_rejected.to(chosen_logps), loss_type=kind, beta=self.beta,
+                label_smoothing=0.0 if kind == "sigmoid" else self.label_smoothing,
+                f_divergence_type=self.f_divergence_type,
+                f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                discopop_tau=self.args.discopop_tau,
+                chosen_num_tokens=chosen_len, rejected_num_tokens=rejected_len,
+                sft_loss=sft, weights=weights)
+            loss = loss + losses.mean() * weight
+
+        self._log_metrics(mode, inputs, stats, chosen_logps, rejected_logps,
+                          chosen_rewards, rejected_rewards)
+        if return_outputs:
+            warnings.warn(
+                "return_outputs=True recomputes the full logits with an extra forward pass "
+                "(deprecated in TRL as well)", FutureWarning, stacklevel=2)
+            model_kwargs = {k: v for k, v in inputs.items()
+                            if k not in _NON_MODEL_KEYS - {"input_ids", "attention_mask"}}
+            with torch.no_grad():
+                outputs = model(**model_kwargs, use_cache=False)
+            return loss, outputs
+        return loss
+
+    def _log_metrics(self, mode, inputs, stats, chosen_logps, rejected_logps,
+                     chosen_rewards, rejected_rewards):
+        """TRL 1.16's DPOTrainer metrics, token-weighted across processes as TRL does."""
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+
+        def ratio(num, den):
+            num, den = gather(num.detach().sum()).sum(), gather(den.sum()).sum()
+            return (num / den).item() if den.item() > 0 else 0.0
+
+        metrics["entropy"].append(ratio(stats.entropy_sum, stats.num_tokens))
+        if mode == "train":
+            tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        logits_sum = stats.logits_sum.chunk(2, dim=0)
+        num = stats.num_tokens.chunk(2, dim=0)
+        metrics["logits/chosen"].append(ratio(logits_sum[0], num[0]))
+        metrics["logits/rejected"].append(ratio(logits_sum[1], num[1]))
+        metrics["mean_token_accuracy"].append(ratio(stats.top1_correct.chunk(2, dim=0)[0], num[0]))
+
+        chosen_rewards = self.accelerator.gather(chosen_rewards.detach())
+        rejected_rewards = self.accelerator.gather(rejected_rewards.detach())
+        metrics["rewards/chosen"].append(chosen_rewards.mean().item())
+        metrics["rewards/rejected"].append(rejected_rewards.mean().item())
+        accuracies = (chosen_rewards > rejected_rewards).float()
+        metrics["rewards/accuracies"].append(accuracies.mean().item())
+        metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(self.accelerator.gather(chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(
+            self.accelerator.gather(rejected_logps.detach()).mean().item())
