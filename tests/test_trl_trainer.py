@@ -1,0 +1,206 @@
+"""dpo_kernels.integrations.trl.DPOTrainer against stock trl.DPOTrainer on a tiny random Llama
+(fp32, CPU): one batch gives the same loss, logged metrics and parameter gradients; training,
+precomputed reference log-probs and LoRA runs work."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+
+from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(60)]
+RTOL = 1e-4  # the issue's bound; measured differences are ~1e-6 (fp32 summation order)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+    model = tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    g = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g))
+
+    rows = []
+    for _ in range(8):
+        p, c, r = (int(x) for x in torch.randint(2, 9, (3,), generator=g))
+        rows.append({"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)})
+    return datasets.Dataset.from_list(rows)
+
+
+def _models(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    policy = transformers.LlamaForCausalLM(config)
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():  # a reference that differs, so rewards and margins are not all zero
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return policy, reference
+
+
+def _trainer(cls, tokenizer, dataset, tmp_path, *, ref=True, peft_config=None, **config):
+    policy, reference = _models(tokenizer)
+    args = trl.DPOConfig(**{
+        "output_dir": str(tmp_path), "report_to": "none", "use_cpu": True, "bf16": False,
+        "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no", "seed": 0,
+        "learning_rate": 1e-3, "disable_tqdm": True, **config})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(model=policy, ref_model=reference if ref and peft_config is None else None,
+                   args=args, train_dataset=dataset, processing_class=tokenizer,
+                   peft_config=peft_config)
+
+
+def _one_batch(trainer):
+    """Loss, logged metrics and gradients for the first 4 examples."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = trainer._prepare_inputs(batch)
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+             if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), metrics, grads
+
+
+def _assert_parity(ours, stock):
+    loss, metrics, grads = ours
+    want_loss, want_metrics, want_grads = stock
+    torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=1e-6)
+    assert metrics.keys() == want_metrics.keys()
+    for k in want_metrics:
+        assert math.isclose(metrics[k], want_metrics[k], rel_tol=RTOL, abs_tol=1e-5), (
+            k, metrics[k], want_metrics[k])
+    assert grads.keys() == want_grads.keys() and grads
+    for name, g in want_grads.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        assert ((grads[name] - g).abs().max() / scale) <= RTOL, name
+
+
+CONFIGS = {
+    "sigmoid": {},
+    "hinge": {"loss_type": ["hinge"]},
+    "ipo": {"loss_type": ["ipo"]},
+    "robust": {"loss_type": ["robust"], "label_smoothing": 0.1},
+    "exo_pair": {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
+    "aot": {"loss_type": ["aot"], "label_smoothing": 0.05},
+    "sigmoid_norm": {"loss_type": ["sigmoid_norm"]},
+    "discopop": {"loss_type": ["discopop"]},
+    "mpo_list": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+    "js_divergence": {"f_divergence_type": "js_divergence", "beta": 0.5},
+    "alpha_divergence": {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+    "wpo": {"use_weighting": True},
+    "ld_dpo": {"ld_alpha": 0.4},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_one_batch_matches_stock_trl(name, tokenizer, dataset, tmp_path, monkeypatch):
+    config = CONFIGS[name]
+    stock = _one_batch(_trainer(trl.DPOTrainer, tokenizer, dataset, tmp_path / "s", **config))
+    calls = []
+    real = dk_trl.sequence_logprobs
+    monkeypatch.setattr(dk_trl, "sequence_logprobs",
+                        lambda *a, **k: calls.append(k["reduction"]) or real(*a, **k))
+    ours = _one_batch(_trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path / "o", **config))
+    # one fused pass for the policy and one for the reference; per token only for LD-DPO
+    assert calls == ["none" if "ld_alpha" in config else "sum"] * 2
+    _assert_parity(ours, stock)
+    assert ours[1]["rewards/margins"] != 0  # the reference differs: the comparison has teeth
+
+
+def test_precomputed_reference_logps_match(tokenizer, dataset, tmp_path):
+    config = {"precompute_ref_log_probs": True}
+    stock = _trainer(trl.DPOTrainer, tokenizer, dataset, tmp_path / "s", **config)
+    ours = _trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path / "o", **config)
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(torch.tensor(ours.train_dataset[column]),
+                                   torch.tensor(stock.train_dataset[column]),
+                                   rtol=RTOL, atol=1e-5)
+    _assert_parity(_one_batch(ours), _one_batch(stock))
+
+
+def test_lora_matches_stock_and_trains(tokenizer, dataset, tmp_path):
+    peft = pytest.importorskip("peft")
+
+    def lora():  # random B so the adapted policy differs from the base (the reference)
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                               init_lora_weights=False, task_type="CAUSAL_LM")
+
+    stock = _trainer(trl.DPOTrainer, tokenizer, dataset, tmp_path / "s", peft_config=lora())
+    ours = _trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path / "o", peft_config=lora())
+    got = _one_batch(ours)
+    _assert_parity(got, _one_batch(stock))
+    assert got[1]["rewards/margins"] != 0
+    assert all("lora_" in n for n in got[2])  # only the adapters train
+
+    before = {n: p.detach().clone() for n, p in ours.model.named_parameters()}
+    ours.args.max_steps = 2
+    ours.train()
+    after = dict(ours.model.named_parameters())
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_a_few_optimizer_steps_learn_the_batch(tokenizer, dataset, tmp_path):
+    trainer = _trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path, max_steps=6,
+                       learning_rate=5e-3, beta=0.5)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 6
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    # Two alternating batches of 4: after 6 steps each has been seen 3 times and the DPO loss
+    # has gone down from log 2 at the first visit.
+    assert logs[-1]["loss"] < logs[1]["loss"] < math.log(2) + 0.05
+    logged = {"rewards/accuracies", "logps/chosen", "entropy", "mean_token_accuracy"}
+    assert logged <= logs[-1].keys()
+
+
+def test_evaluate_matches_stock_trl(tokenizer, dataset, tmp_path):
+    results = []
+    for cls, sub in ((trl.DPOTrainer, "s"), (dk_trl.DPOTrainer, "o")):
+        trainer = _trainer(cls, tokenizer, dataset, tmp_path / sub, per_device_eval_batch_size=4)
+        results.append(trainer.evaluate(dataset))
+    ours, stock = results[1], results[0]
+    for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen", "eval_entropy"):
+        assert math.isclose(ours[key], stock[key], rel_tol=RTOL, abs_tol=1e-5), key
+
+
+def test_sigmoid_label_smoothing_follows_trl_with_a_warning(tokenizer, dataset, tmp_path):
+    policy, reference = _models(tokenizer)
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                         label_smoothing=0.2)
+    with pytest.warns(UserWarning, match="ignores label_smoothing"):
+        dk_trl.DPOTrainer(model=policy, ref_model=reference, args=args,
+                          train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_unsupported_trl_versions_are_refused(monkeypatch):
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(ImportError, match="supports trl>=1.16,<1.17"):
+        dk_trl._check_trl_version()
+    monkeypatch.setattr(trl, "__version__", "1.16.2")
+    dk_trl._check_trl_version()
