@@ -1,9 +1,10 @@
 """dpo-kernels: DPO log-probs and losses without materialising ``[tokens × vocab]`` logits.
 
 ``linear_logprobs`` fuses the LM-head matmul, log-softmax, target gather and masked
-per-sequence sum (Triton on CUDA; a pure-torch chunked reference elsewhere).
+per-sequence sum (Triton on CUDA, a C++ backend on the CPU, a pure-torch reference).
 ``preference_loss`` and the other objectives in ``dpo_kernels.losses`` work on its outputs;
-the ``FusedLinear*Loss`` modules put both together as drop-ins for Liger-Kernel's.
+the ``FusedLinear*Loss`` modules put both together as drop-ins for Liger-Kernel's;
+``dpo_kernels.integrations`` has transformers models and a drop-in TRL ``DPOTrainer``.
 """
 
 from .logprobs import LogProbStats, linear_logprobs

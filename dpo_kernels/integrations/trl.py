@@ -126,7 +126,8 @@ class DPOTrainer(trl.DPOTrainer):
             with (torch.no_grad(), disable_gradient_checkpointing(
                     self.model, self.args.gradient_checkpointing_kwargs),
                   self._reference_context()):
-                ref_logps, _ = self._sequence_pass(self.ref_model or self.model, inputs)
+                reference = self.ref_model if self.ref_model is not None else self.model
+                ref_logps, _ = self._sequence_pass(reference, inputs)
             ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
 
         # TRL length-normalises ipo / sigmoid_norm by the (unshifted) completion-mask sums, and
