@@ -88,6 +88,17 @@ def _build():
     build_dir = _cache_dir() / f"cpu-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     name = f"dpo_kernels_cpu_{key}"
+    built = build_dir / f"{name}.so"
+    if built.exists():  # the key covers sources, flags, torch and CPU: no need to ask ninja (~2 s)
+        import importlib.util
+
+        try:
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except (ImportError, OSError):  # e.g. a link cut short: let ninja rebuild it
+            pass
     if not any(build_dir.glob(f"{name}*.so")):
         print(f"dpo_kernels: building the C++ CPU backend once (about a minute) in {build_dir}",
               file=sys.stderr, flush=True)
@@ -138,6 +149,14 @@ def _chunk_v(n_rows: int, vocab: int) -> int:
     return int(max(1, min(vocab, DEFAULT_CHUNK_V, by_budget)))
 
 
+def _tile_rows(n_rows: int) -> int:
+    """Rows per tile: at most TILE_ROWS, and as many tiles as a multiple of the thread count, so
+    that few rows (a short batch: 96 scored tokens) still keep every thread busy."""
+    threads = max(1, torch.get_num_threads())
+    rounds = -(-n_rows // (threads * TILE_ROWS))  # tiles per thread at TILE_ROWS rows each
+    return int(max(1, min(TILE_ROWS, -(-n_rows // (threads * max(1, rounds))))))
+
+
 class _Backend:
     """The shared backend interface (see :mod:`dpo_kernels.reference`) on the extension."""
 
@@ -151,7 +170,7 @@ class _Backend:
         outs = self.ext.forward(
             hidden, weight.contiguous(), bias, labels_c, rows, opts.pre_scale, opts.post_scale,
             opts.softcap is not None, with_stats, _chunk_v(rows.shape[0], weight.shape[0]),
-            TILE_ROWS,
+            _tile_rows(rows.shape[0]),
         )
         keys = ("logp", "lse") + (reference.STAT_KEYS if with_stats else ())
         tok = dict(zip(keys, outs))
@@ -162,7 +181,7 @@ class _Backend:
         dh, dw, db = self.ext.backward(
             hidden, weight.contiguous(), bias, labels_c, rows, lse_c, grad_c, opts.pre_scale,
             opts.post_scale, opts.softcap is not None, *needs,
-            _chunk_v(rows.shape[0], weight.shape[0]), TILE_ROWS,
+            _chunk_v(rows.shape[0], weight.shape[0]), _tile_rows(rows.shape[0]),
         )
         need_h, need_w, need_b = needs
         return dh if need_h else None, dw if need_w else None, db if need_b else None
