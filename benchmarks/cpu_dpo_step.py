@@ -15,43 +15,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
-import torch
-
-from dpo_kernels import __version__
 from dpo_kernels.bench import METHODS, run_method
+from dpo_kernels.bench.suite import device_name, versions
 
 SHAPES = {
     "W1": dict(pairs=4, seq_len=256, hidden=256, vocab=32000),
     "W2": dict(pairs=2, seq_len=512, hidden=512, vocab=128256),
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "dpo_kernels": __version__}
-    for name in ("triton", "trl", "liger_kernel", "cut_cross_entropy"):
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name.replace("_", "-"))
-        except Exception:
-            out[name] = None
-    return out
 
 
 def main(argv=None) -> int:
@@ -65,7 +38,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     result = {
-        "device": f"cpu: {cpu_name()} ({torch.get_num_threads()} threads)",
+        "device": device_name("cpu"),
         **versions(),
         "command": " ".join(["python"] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -2,6 +2,8 @@
 
 ``dpo-kernels demo`` runs one DPO-shaped batch through ``linear_logprobs`` and through the naive
 ``log_softmax(h @ Wᵀ)`` on whatever device is here, and prints time, agreement and memory.
+``dpo-kernels bench`` times dpo_kernels against every installed peer
+(``dpo_kernels.bench.suite``).
 ``dpo-kernels info`` prints versions and which backends can run.
 """
 
@@ -116,6 +118,12 @@ def build(_args) -> int:
     return 0 if reason is None else 1
 
 
+def bench_doc() -> str:
+    from .bench import suite
+
+    return suite.__doc__.split("\n\n")[0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dpo-kernels {__version__}")
@@ -129,11 +137,18 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000, help="vocab size V")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=demo)
+    p = sub.add_parser("bench", help="time and memory against every installed peer",
+                       description=bench_doc())
+    from .bench import suite
+
+    suite.add_arguments(p)
+    p.set_defaults(func=lambda a: suite.main(a, argv_list))
     p = sub.add_parser("info", help="versions and available backends")
     p.set_defaults(func=info)
     p = sub.add_parser("build", help="build the C++ CPU backend now (else: on first use)")
     p.set_defaults(func=build)
-    args = parser.parse_args(argv)
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv_list)
     return args.func(args)
 
 

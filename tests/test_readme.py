@@ -25,7 +25,7 @@ def test_snippet_runs(code):
 def test_commands_at_the_top():
     first = README.split("```bash\n", 1)[1].split("```", 1)[0]
     lines = [ln for ln in first.splitlines() if ln and not ln.startswith("#")]
-    assert lines[0].endswith("dpo-kernels demo") and lines[1].endswith("pytest")
+    assert lines[0].endswith("dpo-kernels bench") and lines[1].endswith("pytest")
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["dpo-kernels"] == "dpo_kernels.cli:main"

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from .methods import METHODS, WORKLOADS, unavailable_reason
 
@@ -22,7 +23,7 @@ def run_method(spec: dict, timeout: float = 600.0) -> dict:
     device, repeats, warmup): the spec's fields plus ``median_ms``, ``peak_mem_mb``, ``loss`` or
     ``error``."""
     row = dict(spec)
-    reason = unavailable_reason(spec["method"])
+    reason = unavailable_reason(spec["method"], spec.get("softcap"), spec.get("workload"))
     if reason is not None:
         row["error"] = f"not run: {reason}"
         return row
@@ -31,6 +32,7 @@ def run_method(spec: dict, timeout: float = 600.0) -> dict:
     # Large buffers from mmap, unmapped when freed: resident size follows live memory (glibc
     # otherwise raises this threshold after the first big free and keeps freed memory resident).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    start = time.perf_counter()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "dpo_kernels.bench.worker", json.dumps(spec)],
@@ -49,4 +51,5 @@ def run_method(spec: dict, timeout: float = 600.0) -> dict:
         row["error"] = f"worker exited {proc.returncode}: {tail[0][:300]}"
         return row
     row.update(json.loads(lines[-1][len("RESULT "):]))
+    row["wall_s"] = round(time.perf_counter() - start, 2)  # the whole process: imports included
     return row

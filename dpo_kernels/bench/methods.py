@@ -37,10 +37,12 @@ class Inputs:
     ref_hidden: torch.Tensor
     ref_weight: torch.Tensor
     workload: str
+    softcap: Optional[float] = None
 
 
 def make_inputs(pairs: int, seq_len: int, hidden: int, vocab: int, dtype: torch.dtype,
-                device: str, workload: str, prompt_frac: float = 0.25, seed: int = 0) -> Inputs:
+                device: str, workload: str, prompt_frac: float = 0.25, seed: int = 0,
+                softcap: Optional[float] = None) -> Inputs:
     g = torch.Generator().manual_seed(seed)
     n = 2 * pairs
     h = torch.randn(n, seq_len, hidden, generator=g)
@@ -53,7 +55,8 @@ def make_inputs(pairs: int, seq_len: int, hidden: int, vocab: int, dtype: torch.
     def put(t, grad=False):
         return t.to(device=device, dtype=dtype).requires_grad_(grad)
 
-    return Inputs(put(h, True), put(w, True), labels.to(device), put(ref_h), put(ref_w), workload)
+    return Inputs(put(h, True), put(w, True), labels.to(device), put(ref_h), put(ref_w), workload,
+                  softcap)
 
 
 def _dpo_loss(pol: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -63,15 +66,17 @@ def _dpo_loss(pol: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _per_token_method(per_token: Callable) -> Callable:
-    """A method from a per-token log-prob function ``per_token(hidden2d, weight, labels1d)``
-    returning ``(N,)`` log-probs (anything at ignored positions; they are masked here)."""
+    """A method from a per-token log-prob function ``per_token(hidden2d, weight, labels1d,
+    softcap)`` returning ``(N,)`` log-probs (anything at ignored positions; they are masked
+    here)."""
 
     def build(x: Inputs):
         n, t, d = x.hidden.shape
         mask = x.labels != IGNORE
 
         def seq_logps(hidden, weight):
-            tok = per_token(hidden.reshape(-1, d), weight, x.labels.reshape(-1)).view(n, t)
+            tok = per_token(hidden.reshape(-1, d), weight, x.labels.reshape(-1), x.softcap)
+            tok = tok.view(n, t)
             return torch.where(mask, tok.float(), 0.0).sum(dim=1)
 
         return _step(x, seq_logps)
@@ -101,40 +106,49 @@ def _step(x: Inputs, seq_logps: Callable) -> Callable:
 def build_dpo_kernels(x: Inputs):
     import dpo_kernels as dk
 
-    return _step(x, lambda h, w: dk.linear_logprobs(h, w, x.labels))
+    return _step(x, lambda h, w: dk.linear_logprobs(h, w, x.labels, softcap=x.softcap))
 
 
-def _naive_tok(h, w, labels):
-    logp = (h @ w.T).float().log_softmax(dim=-1)
+def _naive_tok(h, w, labels, softcap):
+    logits = (h @ w.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = logits.log_softmax(dim=-1)
     return logp.gather(1, labels.clamp(min=0)[:, None])[:, 0]
 
 
-def _trl_tok(h, w, labels):
+def _trl_tok(h, w, labels, softcap):
     from trl.kernels import ChunkedLogProbFunction
 
     # As TRL's fused LM head does off Triton devices: every position scored, labels clamped.
-    out = ChunkedLogProbFunction.apply(h, w, None, labels.clamp(min=0), 1.0, 32768, None, 1.0, ())
+    out = ChunkedLogProbFunction.apply(h, w, None, labels.clamp(min=0), 1.0, 32768, softcap, 1.0,
+                                       ())
     return out[0]
 
 
-def _torch_lce_tok(h, w, labels):
+def _torch_lce_tok(h, w, labels, softcap):
+    if softcap is not None:
+        raise NotImplementedError(NO_SOFTCAP["torch_lce"])
     ce = F.linear_cross_entropy(h, w, labels, reduction="none", ignore_index=IGNORE,
                                 options=torch.nn.LinearCrossEntropyOptions())
     return -ce
 
 
-def _cce_tok(h, w, labels):
+def _cce_tok(h, w, labels, softcap):
     from cut_cross_entropy import linear_cross_entropy
 
     impl = "cce" if h.is_cuda else "torch_compile"
-    return -linear_cross_entropy(h, w, labels, ignore_index=IGNORE, reduction="none", impl=impl)
+    return -linear_cross_entropy(h, w, labels, ignore_index=IGNORE, reduction="none", impl=impl,
+                                 softcap=softcap)
 
 
 def build_liger(x: Inputs):
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
     if x.workload != "dpo_step":
-        raise NotImplementedError("Liger's fused module computes a DPO loss, not log-probs alone")
+        raise NotImplementedError(ONLY_WORKLOAD["liger"][1])
+    if x.softcap is not None:
+        raise NotImplementedError(NO_SOFTCAP["liger"])
     loss_fn = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=True)
 
     def step():
@@ -160,10 +174,24 @@ REQUIRES = {"dpo_kernels": None, "naive": None, "trl_chunked": "trl", "torch_lce
             "liger": "liger_kernel", "cce": "cut_cross_entropy"}
 
 
-def unavailable_reason(method: str) -> Optional[str]:
-    """Why ``method`` cannot run here (a missing package or API), or None."""
+#: Methods with no logit softcap (Gemma 2): their rows say so instead of timing another problem.
+NO_SOFTCAP = {"torch_lce": "F.linear_cross_entropy has no softcap",
+              "liger": "LigerFusedLinearDPOLoss has no softcap"}
+#: Methods that compute only one of the workloads.
+ONLY_WORKLOAD = {"liger": ("dpo_step", "LigerFusedLinearDPOLoss computes a DPO loss, not "
+                           "log-probs alone")}
+
+
+def unavailable_reason(method: str, softcap: Optional[float] = None,
+                       workload: Optional[str] = None) -> Optional[str]:
+    """Why ``method`` cannot run here (a missing package or API, or a feature it lacks), or
+    None."""
     if method not in BUILDERS:
         return f"unknown method {method!r}; expected one of {', '.join(METHODS)}"
+    if softcap is not None and method in NO_SOFTCAP:
+        return NO_SOFTCAP[method]
+    if workload is not None and method in ONLY_WORKLOAD and workload != ONLY_WORKLOAD[method][0]:
+        return ONLY_WORKLOAD[method][1]
     pkg = REQUIRES[method]
     if pkg is not None and importlib.util.find_spec(pkg) is None:
         return f"{pkg} is not installed"

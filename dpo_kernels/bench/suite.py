@@ -1,0 +1,272 @@
+"""``dpo-kernels bench``: dpo_kernels against every installed peer, on this machine's device.
+
+Each (method, workload, shape, dtype) runs in its own process
+(:func:`dpo_kernels.bench.run_method`): median time of the timed steps after warm-up, peak memory
+of a step (CUDA: peak allocated above what lives between steps; CPU: peak resident size above the
+same), and the loss, checked against ours. Missing or failing peers are rows with an ``error``,
+never dropped. Writes ``results.json`` (schema below) and ``results.png`` to ``--out``, and prints
+one table per shape.
+
+Results JSON: top-level ``device``, ``torch``, ``triton``, ``dpo_kernels`` (versions; the peers'
+too under ``versions``), ``command``, ``date``, ``rows``; each row has ``method``, ``workload``,
+``tokens``, ``hidden``, ``vocab``, ``dtype`` (e.g. ``"bfloat16"``), and ``median_ms`` and
+``peak_mem_mb``, or ``error``; plus ``preset``, ``softcap``, ``pairs``, ``seq_len``,
+``times_ms``, ``first_step_mem_mb``, ``loss``, ``loss_rel_diff`` (against ours) and ``check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import __version__
+from . import run_method
+from .methods import METHODS, WORKLOADS
+
+#: Real LM heads: (hidden size D, vocab size V, final-logit softcap).
+PRESETS = {
+    "llama3-8b": dict(hidden=4096, vocab=128256, softcap=None),
+    "qwen2.5-7b": dict(hidden=3584, vocab=152064, softcap=None),
+    "gemma2-2b": dict(hidden=2304, vocab=256000, softcap=30.0),
+    "mistral-7b": dict(hidden=4096, vocab=32768, softcap=None),
+}
+#: Tokens per step (chosen + rejected, prompt included) for a preset, scaled to the device: a
+#: GPU runs real batch sizes; a 2-core CPU a few hundred tokens at the real D and V.
+TOKENS = {"cuda": (2048, 4096, 8192, 16384), "cpu": (128, 256)}
+SEQ_LEN = {"cuda": 1024, "cpu": 128}
+#: --quick: one small sweep that finishes in about two minutes on a 2-core CPU.
+QUICK = {"cuda": dict(preset="llama3-8b", tokens=(2048, 8192), workloads=WORKLOADS),
+         "cpu": dict(hidden=256, vocab=32000, tokens=(256, 1024), workloads=("dpo_step",))}
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
+#: Loss agreement with ours that counts as a pass: fp32 everywhere is exact up to summation
+#: order; 16-bit peers round the logits (ours accumulate in fp32), so their loss moves by ~1e-2.
+CHECK_RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+PEERS = ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {name} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "dpo_kernels": __version__}
+    for name in PEERS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _split(tokens: int, seq_len: int) -> tuple[int, int]:
+    """(pairs, seq_len) with 2·pairs·seq_len == tokens."""
+    seq_len = min(seq_len, tokens // 2)
+    if tokens % 2 or seq_len < 2 or tokens % (2 * seq_len):
+        raise ValueError(f"--tokens {tokens}: use an even count that splits into pairs of "
+                         f"{seq_len}-token sequences (e.g. a multiple of {2 * seq_len})")
+    return tokens // (2 * seq_len), seq_len
+
+
+def plan(args, device: str) -> list[dict]:
+    """Every (shape, workload, dtype, method) spec this invocation runs, ours first per shape."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if kind == "cuda" else "float32")
+    workloads = args.workload or WORKLOADS
+    shapes = []  # (preset, hidden, vocab, softcap, tokens)
+    if args.quick:
+        quick = QUICK[kind]
+        workloads = args.workload or quick["workloads"]
+        head = PRESETS[quick["preset"]] if "preset" in quick else quick
+        shapes += [(quick.get("preset"), head["hidden"], head["vocab"], head.get("softcap"), t)
+                   for t in args.tokens or quick["tokens"]]
+    elif args.hidden or args.vocab:
+        if not (args.hidden and args.vocab and args.tokens):
+            raise ValueError("a custom shape needs --tokens, --hidden and --vocab")
+        shapes += [(None, args.hidden, args.vocab, args.softcap, t) for t in args.tokens]
+    else:
+        for name in args.preset or ["llama3-8b"]:
+            head = PRESETS[name]
+            shapes += [(name, head["hidden"], head["vocab"], head["softcap"], t)
+                       for t in args.tokens or TOKENS[kind]]
+    specs = []
+    for preset, hidden, vocab, softcap, tokens in shapes:
+        pairs, seq_len = _split(tokens, args.seq_len or SEQ_LEN[kind])
+        for workload in workloads:
+            for method in args.methods:
+                specs.append(dict(
+                    method=method, workload=workload, preset=preset, tokens=tokens,
+                    hidden=hidden, vocab=vocab, softcap=softcap, dtype=dtype, pairs=pairs,
+                    seq_len=seq_len, device=device, warmup=args.warmup,
+                    repeats=args.repeats or (2 if args.quick else 3)))
+    return specs
+
+
+def _check(row: dict, ours: Optional[dict]) -> None:
+    """Each method's loss against ours on the same inputs."""
+    if "loss" not in row or ours is None or "loss" not in ours or row is ours:
+        return
+    rel = abs(row["loss"] - ours["loss"]) / max(abs(ours["loss"]), 1e-12)
+    row["loss_rel_diff"] = rel
+    row["check"] = "ok" if rel <= CHECK_RTOL[row["dtype"]] else "differs from ours"
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        # disable=None: a bar on a terminal, plain lines (bar.write) in logs
+        return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr, disable=None)
+    except ImportError:
+        return None
+
+
+def run(args, argv) -> dict:
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    specs = plan(args, device)
+    timeout = args.timeout or (300.0 if device.startswith("cuda") else 120.0)
+    v = versions()
+    result = {
+        "device": device_name(device),
+        "torch": v["torch"], "triton": v["triton"], "dpo_kernels": v["dpo_kernels"],
+        "versions": v,
+        "command": " ".join(["dpo-kernels", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "memory": ("peak allocated (CUDA) or resident (CPU) memory of a timed step above what "
+                   "lives between steps"),
+        "rows": [],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _progress(len(specs))
+    say = bar.write if bar is not None else print
+    say(f"dpo-kernels bench on {result['device']}: {len(specs)} runs, each in its own process "
+        f"(timeout {timeout:.0f} s) -> {out}/")
+    ours = None
+    for k, spec in enumerate(specs, 1):
+        if bar is not None:
+            bar.set_description(f"{spec['method']} {spec['workload']} {spec['tokens']} tok")
+        row = run_method(spec, timeout=timeout)
+        if row["method"] == "dpo_kernels":
+            ours = row
+        elif ours is not None and any(ours[k_] != row[k_] for k_ in
+                                      ("workload", "tokens", "hidden", "vocab", "dtype")):
+            ours = None  # a shape whose own dpo_kernels row was not selected
+        _check(row, ours)
+        result["rows"].append(row)
+        shown = (f"{row['median_ms']:10.1f} ms {row['peak_mem_mb']:9.1f} MB"
+                 + (f"  loss {row['check']}" if "check" in row else "")
+                 if "median_ms" in row else row["error"])
+        say(f"[{k}/{len(specs)}] {spec['workload']:16s} {spec['tokens']:6d} tok "
+            f"{spec['method']:12s} {shown}")
+        (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")  # partial too
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def plot(result: dict, path: Path) -> Optional[str]:
+    """Time and memory against tokens, one line per method, one row of panels per shape group.
+    Returns why no plot was written (matplotlib missing), or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'dpo-kernels[bench]')"
+    groups: dict[tuple, list] = {}
+    for row in result["rows"]:
+        key = (row.get("preset") or f"D={row['hidden']}, V={row['vocab']}", row["workload"],
+               row["dtype"])
+        groups.setdefault(key, []).append(row)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))  # one colour per method throughout
+    for (title, workload, dtype), (ax_t, ax_m) in zip(groups, axes):
+        rows = groups[(title, workload, dtype)]
+        for method in METHODS:
+            pts = sorted((r["tokens"], r["median_ms"], r["peak_mem_mb"]) for r in rows
+                         if r["method"] == method and "median_ms" in r)
+            if not pts:
+                continue
+            style = dict(marker="o", label=method, color=colors[method],
+                         lw=2.5 if method == "dpo_kernels" else 1.2)
+            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+            ax_m.plot([p[0] for p in pts], [max(p[2], 0.1) for p in pts], **style)
+        ticks = sorted({r["tokens"] for r in rows})
+        for ax, what in ((ax_t, "median step time (ms)"), (ax_m, "peak step memory (MB)")):
+            ax.set(yscale="log", xlabel="tokens per step", ylabel=what,
+                   title=f"{title} · {workload} · {dtype}")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=8)
+    fig.suptitle(f"{result['device']} · torch {result['torch']} · dpo-kernels "
+                 f"{result['dpo_kernels']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--preset", action="append", choices=list(PRESETS),
+                   help="a real LM head (repeatable; default llama3-8b)")
+    p.add_argument("--tokens", type=int, nargs="+", help="tokens per step (a sweep)")
+    p.add_argument("--hidden", type=int, help="hidden size D of a custom shape")
+    p.add_argument("--vocab", type=int, help="vocab size V of a custom shape")
+    p.add_argument("--softcap", type=float, help="final-logit softcap of a custom shape")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 1024 GPU, 128 CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--workload", action="append", choices=list(WORKLOADS),
+                   help="repeatable; default both")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--quick", action="store_true", help="a small sweep (~2 min on a 2-core CPU)")
+    p.add_argument("--repeats", type=int, help="timed steps per run (default 3; 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
+    p.add_argument("--timeout", type=float, help="seconds per run (default 300 GPU, 120 CPU)")
+    p.add_argument("--out", default="dpo-kernels-bench", help="folder for results.json/.png")
+
+
+def main(args, argv) -> int:
+    from .report import markdown
+
+    if "dpo_kernels" not in args.methods:
+        print("note: without dpo_kernels in --methods there is no ratio and no loss check",
+              file=sys.stderr)
+    try:
+        result = run(args, argv)
+    except ValueError as e:
+        print(f"dpo-kernels bench: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print()
+    print(markdown(result))
+    why = plot(result, out / "results.png")
+    print(f"results: {out / 'results.json'}" + (f", plot: {out / 'results.png'}" if why is None
+                                                else f" (no plot: {why})"))
+    return 0
