@@ -25,8 +25,10 @@ def markdown(result: dict) -> str:
         name = row.get("shape") or row.get("preset") or "custom"
         key = (name, row["tokens"], row["dtype"], row["workload"])
         groups[key].append(row)
-    out = [f"Device: {result['device']}; torch {result.get('torch')}; command: "
-           f"`{result.get('command')}`; {result.get('date')}.", ""]
+    versions = result.get("versions") or {"torch": result.get("torch")}
+    shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "python")
+    out = [f"Device: {result['device']}; {shown}; command: `{result.get('command')}`; "
+           f"{result.get('date')}.", ""]
     for (shape, _, dtype, workload), rows in groups.items():
         ours = next((r for r in rows if r["method"] == "dpo_kernels" and "median_ms" in r), None)
         first = rows[0]
