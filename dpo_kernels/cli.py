@@ -118,12 +118,6 @@ def build(_args) -> int:
     return 0 if reason is None else 1
 
 
-def bench_doc() -> str:
-    from .bench import suite
-
-    return suite.__doc__.split("\n\n")[0]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dpo-kernels {__version__}")
@@ -137,10 +131,10 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000, help="vocab size V")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=demo)
-    p = sub.add_parser("bench", help="time and memory against every installed peer",
-                       description=bench_doc())
     from .bench import suite
 
+    p = sub.add_parser("bench", help="time and memory against every installed peer",
+                       description=suite.__doc__.split("\n\n")[0])
     suite.add_arguments(p)
     p.set_defaults(func=lambda a: suite.main(a, argv_list))
     p = sub.add_parser("info", help="versions and available backends")

@@ -99,9 +99,8 @@ def _build():
             return module
         except (ImportError, OSError):  # e.g. a link cut short: let ninja rebuild it
             pass
-    if not any(build_dir.glob(f"{name}*.so")):
-        print(f"dpo_kernels: building the C++ CPU backend once (about a minute) in {build_dir}",
-              file=sys.stderr, flush=True)
+    print(f"dpo_kernels: building the C++ CPU backend once (about a minute) in {build_dir}",
+          file=sys.stderr, flush=True)
     return cpp_extension.load(
         name=name, sources=[str(src / s) for s in SOURCES], build_directory=str(build_dir),
         extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], verbose=False,
@@ -164,9 +163,7 @@ class _Backend:
         self.ext = ext
 
     def forward(self, hidden, weight, bias, labels_c, rows, seg, opts, with_stats):
-        if hidden.dtype == torch.float64:
-            raise TypeError("backend='cpp' takes float32, bfloat16 or float16; float64 runs on "
-                            "backend='torch' (or 'auto')")
+        # float64 never gets here: logprobs._resolve_backend refuses it for 'cpp'.
         outs = self.ext.forward(
             hidden, weight.contiguous(), bias, labels_c, rows, opts.pre_scale, opts.post_scale,
             opts.softcap is not None, with_stats, _chunk_v(rows.shape[0], weight.shape[0]),

@@ -63,6 +63,7 @@ try:
 except ImportError:  # run from a source checkout without installing: use the checkout's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dpo_kernels import linear_logprobs
+from dpo_kernels.bench.worker import PeakMeter  # the benchmark's meter: same memory figure
 
 # Full run (the defaults) and the shortened one (--quick), both tuned on a 2-core CPU.
 FULL = dict(max_operand=25, sft_steps=600, dpo_steps=120, batch_size=32)
@@ -205,23 +206,6 @@ def evaluate(policy, reference, tok, rows, beta: float) -> dict:
 # ----------------------------------------------------------------------------- DPO (worker)
 
 
-def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 class StepTimer(TrainerCallback):
     """Wall time of every optimizer step."""
 
@@ -274,12 +258,11 @@ def run_dpo(trainer_cls, init_dir: str, tok, train_rows, held_rows, opts: dict) 
     trainer = trainer_cls(model=model, ref_model=ref_model, args=config,
                           train_dataset=Dataset.from_dict(train_rows), processing_class=tok,
                           callbacks=[timer])
-    peak_ok = _reset_peak_rss()
-    rss_start = _proc_status_mb("VmRSS")
+    meter = PeakMeter(cuda=False)  # VmHWM reset here; the peak above the RSS at this point
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
-    peak_mb = _proc_status_mb("VmHWM") - rss_start if peak_ok else float("nan")
+    peak_mb = meter.delta_mb()
     reference = LlamaForCausalLM.from_pretrained(init_dir)
     return {
         "trainer": f"{trainer_cls.__module__}.{trainer_cls.__qualname__}",

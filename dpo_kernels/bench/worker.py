@@ -39,7 +39,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class _PeakMeter:
+class PeakMeter:
     """Peak memory from now on, above the current level: CUDA allocator or resident size."""
 
     def __init__(self, cuda: bool):
@@ -74,13 +74,13 @@ def run(spec: dict) -> dict:
 
     warmup, repeats = spec.get("warmup", 1), spec.get("repeats", 3)
     # First step(s): imports, compilation, first-call caches and the gradients' first allocation.
-    mark = _PeakMeter(cuda)
+    mark = PeakMeter(cuda)
     for _ in range(warmup):
         step()
     sync()
     first = mark.delta_mb()
     # Then each timed step's own peak above what lives between steps.
-    mark = _PeakMeter(cuda)
+    mark = PeakMeter(cuda)
     times, loss = [], None
     for _ in range(repeats):
         sync()

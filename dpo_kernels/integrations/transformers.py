@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -176,6 +177,7 @@ def lm_head_spec(model: nn.Module) -> LMHeadSpec:
 
 # ----------------------------------------------------------------------------- wrappers
 
+@functools.cache
 def _sync_wrapper_types() -> tuple[type, ...]:
     """Wrappers whose forward must run for gradients to be synchronised (DDP's reducer is armed
     in its forward; FSDP1 unshards there)."""
@@ -251,8 +253,7 @@ def _call_through(model: nn.Module, wrapper: Optional[nn.Module], fn: Callable[[
         restore()
 
 
-@contextlib.contextmanager
-def _gathered_head(weight: Tensor, bias: Optional[Tensor]):
+def _full_head(weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """The full head for one call: DTensor shards gathered (differentiably), ZeRO-3 partitions
     gathered and copied (the copy's gradient flows back to the partitioned parameter)."""
     params = [p for p in (weight, bias) if p is not None]
@@ -272,7 +273,7 @@ def _gathered_head(weight: Tensor, bias: Optional[Tensor]):
         weight = full()
         if bias is not None and callable(getattr(bias, "full_tensor", None)):
             bias = bias.full_tensor()
-    yield weight, bias
+    return weight, bias
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -347,13 +348,13 @@ def sequence_logprobs(
                 logit_scale *= spec.hidden_scale
             else:
                 hidden = hidden * spec.hidden_scale
-        with _gathered_head(spec.weight, spec.bias) as (weight, bias):
-            if spec.vocab_size is not None:
-                weight = weight[: spec.vocab_size]
-                bias = bias[: spec.vocab_size] if bias is not None else None
-            return linear_logprobs(
-                hidden, weight, labels.to(weight.device), bias, reduction=reduction,
-                temperature=temperature, logit_scale=logit_scale, softcap=spec.softcap,
-                return_stats=True, backend=backend)
+        weight, bias = _full_head(spec.weight, spec.bias)
+        if spec.vocab_size is not None:
+            weight = weight[: spec.vocab_size]
+            bias = bias[: spec.vocab_size] if bias is not None else None
+        return linear_logprobs(
+            hidden, weight, labels.to(weight.device), bias, reduction=reduction,
+            temperature=temperature, logit_scale=logit_scale, softcap=spec.softcap,
+            return_stats=True, backend=backend)
 
     return _call_through(model, wrapper, fused_forward)

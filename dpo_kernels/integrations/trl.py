@@ -92,10 +92,8 @@ class DPOTrainer(trl.DPOTrainer):
             reduction="none" if ld else "sum", backend=self.logprobs_backend, **model_kwargs)
         if not ld:
             return stats.logps, stats
-        mask = inputs["completion_mask"][:, 1:].bool()
-        if inputs.get("attention_mask") is not None:
-            mask &= inputs["attention_mask"][:, 1:].bool()
-        logps = ld_logps(stats.logps, mask, self.ld_alpha)
+        # per token, num_tokens is 1 exactly where a token is scored
+        logps = ld_logps(stats.logps, stats.num_tokens.bool(), self.ld_alpha)
         return logps, type(stats)(*(t.sum(dim=1) for t in stats))
 
     def _reference_context(self):
