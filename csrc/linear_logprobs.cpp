@@ -82,7 +82,17 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
                 const at::Tensor& rows, double pre_scale, double post_scale, bool softcap,
                 int64_t chunk_v, int64_t tile_rows) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden and weight must be 2-D");
-  TORCH_CHECK(tile_rows > 0, "tile_rows must be positive");
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must be (V, D) with hidden's D");
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight must have hidden's dtype");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
+              "rows must be a 1-D int64 tensor of row indices");
+  TORCH_CHECK(labels_c.dim() == 1 && labels_c.scalar_type() == at::kLong &&
+                  labels_c.size(0) == rows.size(0),
+              "labels_c must be a 1-D int64 tensor with one label per row");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                                    bias->scalar_type() == hidden.scalar_type()),
+              "bias must be (V,) in hidden's dtype");
+  TORCH_CHECK(tile_rows > 0 && chunk_v > 0, "tile_rows and chunk_v must be positive");
   Problem p;
   p.hidden = hidden.detach();
   p.weight = weight.detach();
@@ -94,8 +104,8 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
   p.tile_rows = tile_rows;
   p.n_blocks = (p.nv + tile_rows - 1) / tile_rows;
   p.n_threads = at::get_num_threads();
-  p.h = p.hidden.index_select(0, rows).to(at::kFloat).contiguous();
-  p.labels = labels_c.to(at::kLong).contiguous();
+  p.h = p.hidden.index_select(0, rows).to(at::kFloat).contiguous();  // checks rows' range
+  p.labels = labels_c.contiguous();
   p.tiles = at::empty({p.n_threads, std::min(tile_rows, p.nv), p.vc_max},
                       p.hidden.options().dtype(at::kFloat));
   return p;
@@ -122,8 +132,6 @@ at::Tensor tile_logits(const Problem& p, const Chunk& c, int64_t t, int64_t r0, 
   if (c.b.defined()) z.add_(c.b);
   return z;
 }
-
-}  // namespace
 
 // The row-state of the online log-sum-exp and statistics, one entry per compacted row; double
 // across chunks so that 100k-entry vocabularies sum accurately.
@@ -209,8 +217,39 @@ inline void fold_row(float* z, int64_t vc, int64_t c0, int64_t y, const Options&
   st.m[i] = m_new;
 }
 
-// Per-token results on the compacted rows: logp, lse, and with stats logits_mean, entropy,
-// top1 (0/1), log_sum_sq_probs; all fp32 (Nv,). A label outside [0, V) gives logp = NaN.
+// One row of logits z -> its logit gradient g * (onehot - softmax) * dz/dx, in place.
+inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, float g,
+                     const Options& o) {
+  const float pre = static_cast<float>(o.pre_scale), post = static_cast<float>(o.post_scale);
+  transform_row(z, vc, o);
+  const bool has_target = y >= c0 && y < c0 + vc;
+  if (!o.softcap) {
+    const float k = -g * pre;
+#pragma omp simd
+    for (int64_t j = 0; j < vc; ++j) z[j] = k * exp_f32(z[j] - lse);
+    if (has_target) z[y - c0] += g * pre;
+    return;
+  }
+  float tgt = 0.f;
+  if (has_target) {
+    const float t = z[y - c0] / post;
+    tgt = g * (1.f - t * t) * pre * post;
+  }
+  const float k = -g * pre * post;
+#pragma omp simd
+  for (int64_t j = 0; j < vc; ++j) {
+    const float t = z[j] / post;
+    z[j] = k * exp_f32(z[j] - lse) * (1.f - t * t);
+  }
+  if (has_target) z[y - c0] += tgt;
+}
+
+}  // namespace
+
+// Per-token results on the compacted rows, in the order of the fields of dpo_kernels'
+// backend.TokenResult: logps, lse, and with stats logits_sum (the vocab-mean logit),
+// entropy_sum, top1_correct (0/1), log_sum_sq_probs_sum; all fp32 (Nv,). A label outside
+// [0, V) gives logps = NaN.
 std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
                                 const at::Tensor& rows, double pre_scale, double post_scale,
@@ -251,43 +290,16 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
   for (int64_t i = 0; i < nv; ++i) {
     const double l = st.m[i] + std::log(st.s[i]);
     const bool ok = lab[i] >= 0 && lab[i] < vocab;
-    ptr[0][i] = ok ? static_cast<float>(static_cast<double>(st.target[i]) - l) : nan;  // logp
+    ptr[0][i] = ok ? static_cast<float>(static_cast<double>(st.target[i]) - l) : nan;  // logps
     ptr[1][i] = static_cast<float>(l);                                                 // lse
     if (with_stats) {
-      ptr[2][i] = static_cast<float>(st.sumz[i] / static_cast<double>(vocab));  // logits_mean
-      ptr[3][i] = static_cast<float>(l - st.szx[i] / st.s[i]);                   // entropy
-      ptr[4][i] = st.target[i] >= st.zmax[i] ? 1.f : 0.f;                        // top1
-      ptr[5][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // lss
+      ptr[2][i] = static_cast<float>(st.sumz[i] / static_cast<double>(vocab));  // logits_sum
+      ptr[3][i] = static_cast<float>(l - st.szx[i] / st.s[i]);                   // entropy_sum
+      ptr[4][i] = st.target[i] >= st.zmax[i] ? 1.f : 0.f;                        // top1_correct
+      ptr[5][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // log_sum_sq_probs_sum
     }
   }
   return out;
-}
-
-// One row of logits z -> its logit gradient g * (onehot - softmax) * dz/dx, in place.
-inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, float g,
-                     const Options& o) {
-  const float pre = static_cast<float>(o.pre_scale), post = static_cast<float>(o.post_scale);
-  transform_row(z, vc, o);
-  const bool has_target = y >= c0 && y < c0 + vc;
-  if (!o.softcap) {
-    const float k = -g * pre;
-#pragma omp simd
-    for (int64_t j = 0; j < vc; ++j) z[j] = k * exp_f32(z[j] - lse);
-    if (has_target) z[y - c0] += g * pre;
-    return;
-  }
-  float tgt = 0.f;
-  if (has_target) {
-    const float t = z[y - c0] / post;
-    tgt = g * (1.f - t * t) * pre * post;
-  }
-  const float k = -g * pre * post;
-#pragma omp simd
-  for (int64_t j = 0; j < vc; ++j) {
-    const float t = z[j] / post;
-    z[j] = k * exp_f32(z[j] - lse) * (1.f - t * t);
-  }
-  if (has_target) z[y - c0] += tgt;
 }
 
 // Gradients of sum_i grad_c[i] * logp_i: (dH (N x D, input dtype, zero on ignored rows) or an
@@ -302,6 +314,9 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
   const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
                             chunk_v, tile_rows);
   const int64_t nv = p.nv, vocab = p.vocab, dim = p.weight.size(1), n_threads = p.n_threads;
+  TORCH_CHECK(lse_c.dim() == 1 && lse_c.size(0) == nv && grad_c.dim() == 1 && grad_c.size(0) == nv,
+              "lse_c and grad_c must be 1-D with one value per row");
+  TORCH_CHECK(!need_b || p.bias.has_value(), "need_b without a bias");
   const at::Tensor lse = lse_c.to(at::kFloat).contiguous();
   const at::Tensor g = grad_c.to(at::kFloat).contiguous();
   const auto f32 = p.hidden.options().dtype(at::kFloat);

@@ -1,11 +1,12 @@
-"""Loader of the C++ CPU backend (``csrc/``) and its adapter to the backend interface.
+"""The C++ CPU backend (``backend="cpp"``): loader of the ``csrc/`` extension and its
+:class:`dpo_kernels.backend.Backend`.
 
 The extension is built with ``torch.utils.cpp_extension.load`` (ninja) on first use, into a cache
 keyed by the torch version, the source hash, the Python ABI and this CPU's instruction set, so a
 rebuild happens only when one of them changes. Building takes about a minute and prints one line;
 ``dpo-kernels build`` builds it ahead of time. If it cannot be built (no compiler, no
 ninja), ``backend="auto"`` falls back to the torch reference with one warning and
-``backend="cpp"`` raises :class:`BackendUnavailable` saying why.
+``backend="cpp"`` raises :class:`~dpo_kernels.backend.BackendUnavailable` saying why.
 
 ``DPO_KERNELS_CACHE`` sets the cache folder (default ``~/.cache/dpo_kernels``);
 ``DPO_KERNELS_NO_CPP=1`` disables the backend (``"auto"`` then uses the torch reference quietly).
@@ -24,7 +25,19 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from .backend import (
+    Backend,
+    BackendUnavailable,
+    Grads,
+    LogitOptions,
+    Needs,
+    Rows,
+    TokenResult,
+    chunk_budget_bytes,
+    register,
+)
+
+__all__ = ["BACKEND", "BackendUnavailable", "CppBackend", "load"]
 
 SOURCES = ("linear_logprobs.cpp",)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -40,10 +53,6 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fopenmp-simd", "-fno-math-errno"
 _lock = threading.Lock()
 _module = None
 _error: Optional[str] = None
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend was asked for by name but cannot run here; the message says why."""
 
 
 def _source_dir() -> Path:
@@ -108,8 +117,8 @@ def _build():
 
 
 def load():
-    """The backend object (``forward``/``backward`` of the shared interface); builds on first
-    use. Raises :class:`BackendUnavailable` with the reason if it cannot be built."""
+    """The compiled extension; built on first use. Raises :class:`BackendUnavailable` with the
+    reason if it cannot be built."""
     global _module, _error
     if os.environ.get("DPO_KERNELS_NO_CPP", "0") == "1":
         raise BackendUnavailable("backend='cpp' is disabled by DPO_KERNELS_NO_CPP=1")
@@ -118,7 +127,7 @@ def load():
     with _lock:
         if _module is None and _error is None:
             try:
-                _module = _Backend(_build())
+                _module = _build()
             except BackendUnavailable as e:
                 _error = str(e)
             except Exception as e:  # compiler, ninja or linker missing or failing
@@ -129,22 +138,9 @@ def load():
     return _module
 
 
-def unavailable_reason() -> Optional[str]:
-    """Why the C++ backend cannot run here, or None if it can (building it on the first call)."""
-    try:
-        load()
-        return None
-    except BackendUnavailable as e:
-        return str(e)
-
-
-def is_available() -> bool:
-    return unavailable_reason() is None
-
-
 def _chunk_v(n_rows: int, vocab: int) -> int:
     # The [Nv x Vc] fp32 buffer also obeys the memory budget (DPO_KERNELS_CHUNK_MB).
-    by_budget = reference.chunk_budget_bytes() // max(1, 4 * n_rows)
+    by_budget = chunk_budget_bytes() // max(1, 4 * n_rows)
     return int(max(1, min(vocab, DEFAULT_CHUNK_V, by_budget)))
 
 
@@ -156,30 +152,40 @@ def _tile_rows(n_rows: int) -> int:
     return int(max(1, min(TILE_ROWS, -(-n_rows // (threads * max(1, rounds))))))
 
 
-class _Backend:
-    """The shared backend interface (see :mod:`dpo_kernels.reference`) on the extension."""
+class CppBackend(Backend):
+    """fp32, bf16 and fp16 inputs with fp32 accumulation, threaded over L2-sized row tiles."""
 
-    def __init__(self, ext):
-        self.ext = ext
+    name = "cpp"
 
-    def forward(self, hidden, weight, bias, labels_c, rows, seg, opts, with_stats):
-        # float64 never gets here: logprobs._resolve_backend refuses it for 'cpp'.
-        outs = self.ext.forward(
-            hidden, weight.contiguous(), bias, labels_c, rows, opts.pre_scale, opts.post_scale,
-            opts.softcap is not None, with_stats, _chunk_v(rows.shape[0], weight.shape[0]),
-            _tile_rows(rows.shape[0]),
+    def unavailable_reason(self, device, dtype=None) -> Optional[str]:
+        if device.type != "cpu":
+            return f"backend='cpp' runs on CPU tensors; got tensors on {device.type!r}"
+        try:
+            load()
+        except BackendUnavailable as e:
+            return str(e)
+        if dtype == torch.float64:
+            return ("backend='cpp' takes float32, bfloat16 or float16; float64 runs on "
+                    "backend='torch' (or 'auto')")
+        return None
+
+    def forward(self, x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
+        hidden, weight, bias, rows, labels = x
+        n_rows = rows.shape[0]
+        outs = load().forward(
+            hidden, weight, bias, labels, rows, opts.pre_scale, opts.post_scale,
+            opts.has_softcap, with_stats, _chunk_v(n_rows, weight.shape[0]), _tile_rows(n_rows),
         )
-        keys = ("logp", "lse") + (reference.STAT_KEYS if with_stats else ())
-        tok = dict(zip(keys, outs))
-        seq = {k: reference.segment_sum(v, seg) for k, v in tok.items() if k != "lse"}
-        return tok, seq
+        return TokenResult(*outs)
 
-    def backward(self, hidden, weight, bias, labels_c, rows, lse_c, grad_c, opts, needs):
-        dh, dw, db = self.ext.backward(
-            hidden, weight.contiguous(), bias, labels_c, rows, lse_c, grad_c, opts.pre_scale,
-            opts.post_scale, opts.softcap is not None, *needs,
-            _chunk_v(rows.shape[0], weight.shape[0]), _tile_rows(rows.shape[0]),
+    def backward(self, x: Rows, lse, grad, opts: LogitOptions, needs: Needs) -> Grads:
+        hidden, weight, bias, rows, labels = x
+        n_rows = rows.shape[0]
+        grads = load().backward(
+            hidden, weight, bias, labels, rows, lse, grad, opts.pre_scale, opts.post_scale,
+            opts.has_softcap, *needs, _chunk_v(n_rows, weight.shape[0]), _tile_rows(n_rows),
         )
-        need_h, need_w, need_b = needs
-        return dh if need_h else None, dw if need_w else None, db if need_b else None
+        return Grads(*(g if need else None for g, need in zip(grads, needs)))
 
+
+BACKEND = register(CppBackend())

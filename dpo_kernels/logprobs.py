@@ -3,22 +3,34 @@
 Validation and layout handling happen here, in plain (traceable) torch; the work is two
 ``torch.library`` custom ops, ``dpo_kernels::linear_logprobs_fwd`` and ``..._bwd``, tied by
 ``register_autograd`` so ``torch.compile(fullgraph=True)`` sees one opaque op with a known
-backward. Inside the ops, the valid (non-ignored) rows are compacted once and handed to a
-backend (:mod:`dpo_kernels.reference` documents the backend interface).
+backward. Inside the ops the valid (non-ignored) rows are compacted once and handed to a backend
+(the contract is :mod:`dpo_kernels.backend`); the per-sequence sums are the one reduction
+:func:`dpo_kernels.backend.segment_sum`, the same for every backend.
 """
 
 import os
-import warnings
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from . import cpu, reference
-from .reference import LogitOptions, compute_dtype
+# Importing the three backend modules registers them (none builds or compiles anything here).
+from . import cpu, reference, triton  # noqa: F401
+from .backend import (
+    BACKENDS,
+    STAT_FIELDS,
+    Grads,
+    LogitOptions,
+    Needs,
+    Rows,
+    TokenResult,
+    compute_dtype,
+    get,
+    resolve,
+    segment_sum,
+)
 
 REDUCTIONS = ("sum", "mean", "none")
-BACKENDS = ("auto", "triton", "cpp", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -35,6 +47,9 @@ class LogProbStats(NamedTuple):
     - ``entropy_sum``: Σ of ``-Σ_v p_v log p_v``
     - ``top1_correct``: number of tokens whose target has the largest logit (int64)
     - ``log_sum_sq_probs_sum``: Σ of ``log Σ_v p_v²`` (what WPO weighting needs)
+
+    The per-token fields of a backend (:class:`dpo_kernels.backend.TokenResult`) carry the same
+    names.
     """
 
     logps: Tensor
@@ -43,71 +58,6 @@ class LogProbStats(NamedTuple):
     entropy_sum: Tensor
     top1_correct: Tensor
     log_sum_sq_probs_sum: Tensor
-
-
-# ----------------------------------------------------------------------------- backends
-
-_warned_fallback = False
-
-
-def _triton_unusable_reason(device: torch.device) -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "backend='triton' needs the triton package, which is not installed"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return None
-    return (
-        f"backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); "
-        f"got tensors on {device.type!r}"
-    )
-
-
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    global _warned_fallback
-    if backend == "auto":
-        if dtype == torch.float64:
-            return "torch"  # float64 is for checking and debugging: the exact reference serves it
-        if device.type == "cuda":
-            reason = _triton_unusable_reason(device)
-            if reason is None:
-                return "triton"
-            if not _warned_fallback:
-                _warned_fallback = True
-                warnings.warn(
-                    f"dpo_kernels: falling back to the torch reference backend ({reason})",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        elif device.type == "cpu":
-            reason = cpu.unavailable_reason()
-            if reason is None:
-                return "cpp"
-            if not _warned_fallback and os.environ.get("DPO_KERNELS_NO_CPP", "0") != "1":
-                _warned_fallback = True
-                warnings.warn(
-                    f"dpo_kernels: falling back to the torch reference backend on CPU ({reason})",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        return "torch"
-    if backend == "triton":
-        reason = _triton_unusable_reason(device)
-        if reason is not None:
-            raise RuntimeError(reason)
-        if dtype == torch.float64:
-            raise TypeError("backend='triton' takes float32, bfloat16 or float16; float64 runs "
-                            "on backend='torch' (or 'auto')")
-    elif backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors; got tensors on {device.type!r}")
-        if dtype == torch.float64:
-            raise TypeError("backend='cpp' takes float32, bfloat16 or float16; float64 runs "
-                            "on backend='torch' (or 'auto')")
-        cpu.load()
-    return backend
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -134,17 +84,7 @@ def _autocast_inputs(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _backend_module(name: str):
-    if name == "triton":
-        from . import triton as module  # lazy: Triton picks compile vs interpret at import
-
-        return module
-    if name == "cpp":
-        return cpu.load()
-    return reference
-
-
-# ----------------------------------------------------------------------------- op bodies
+# ----------------------------------------------------------------------------- inside the ops
 
 
 def _validate_data() -> bool:
@@ -172,16 +112,12 @@ def _check_cu_seqlens(cu_seqlens: Tensor, n: int) -> None:
         )
 
 
-def _options(ignore_index, temperature, logit_scale, softcap) -> LogitOptions:
-    # The op schema carries "no softcap" as 0.0 (validated positive otherwise).
-    return LogitOptions(ignore_index, temperature, logit_scale, softcap if softcap > 0 else None)
-
-
-def _prepare(hidden, weight, labels, cu_seqlens, ignore_index, check):
+def _compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check):
     """Checks data where that is free (if ``check``), compacts the valid rows, maps sequences.
 
-    Returns ``(rows, seg, cu_ok)``: valid row indices, per-sequence offsets into ``rows``, and a
-    device-side flag (or None) that is False when ``cu_seqlens`` was malformed but unchecked.
+    Returns ``(x, seg, cu_ok)``: the backends' :class:`~dpo_kernels.backend.Rows`, each
+    sequence's offsets into the compacted rows ``(S+1,)``, and a device-side flag (or None) that
+    is False when ``cu_seqlens`` was malformed but unchecked.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     validate = _validate_data()
@@ -201,7 +137,9 @@ def _prepare(hidden, weight, labels, cu_seqlens, ignore_index, check):
     if not cu_checked:
         # No sync on CUDA: a malformed cu_seqlens turns the outputs into NaN instead.
         cu_ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
-    return rows, seg, cu_ok
+    bias = None if bias is None else bias.contiguous()  # kernels index bias densely
+    x = Rows(hidden, weight.contiguous(), bias, rows, labels.index_select(0, rows))
+    return x, seg, cu_ok
 
 
 def _scatter_rows(values: Tensor, rows: Tensor, n: int, dtype: torch.dtype) -> Tensor:
@@ -209,102 +147,48 @@ def _scatter_rows(values: Tensor, rows: Tensor, n: int, dtype: torch.dtype) -> T
     return out.index_copy_(0, rows, values.to(dtype))
 
 
-def _forward_impl(
-    hidden, weight, bias, labels, cu_seqlens,
-    ignore_index, temperature, logit_scale, softcap, per_token, with_stats, backend,
-):
-    opts = _options(ignore_index, temperature, logit_scale, softcap)
-    n, n_seq = hidden.shape[0], cu_seqlens.shape[0] - 1
-    acc = compute_dtype(hidden.dtype)
-    device = hidden.device
-    rows, seg, cu_ok = _prepare(hidden, weight, labels, cu_seqlens, ignore_index, check=True)
-    bias = None if bias is None else bias.contiguous()  # kernels index bias densely
-    keys = ("logp",) + (reference.STAT_KEYS if with_stats else ())
-    if rows.shape[0] == 0:
-        tok = {k: torch.zeros(0, dtype=acc, device=device) for k in keys + ("lse",)}
-        seq = {k: torch.zeros(n_seq, dtype=acc, device=device) for k in keys}
+def _forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, cu_seqlens: Tensor,
+    ignore_index: int, temperature: float, logit_scale: float, softcap: float,
+    per_token: bool, backend: str, with_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(logps, lse, num_tokens, logits_sum, entropy_sum, top1_correct, log_sum_sq_probs_sum)``
+    per sequence (per token if ``per_token``; ``lse (N,)`` always per token); the stats are
+    empty without ``with_stats``."""
+    opts = LogitOptions.from_op_args(ignore_index, temperature, logit_scale, softcap)
+    n, acc, device = hidden.shape[0], compute_dtype(hidden.dtype), hidden.device
+    x, seg, cu_ok = _compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check=True)
+    fields = ("logps",) + (STAT_FIELDS if with_stats else ())
+    if x.rows.shape[0] == 0:
+        tok = TokenResult(*(torch.zeros(0, dtype=acc, device=device) for _ in TokenResult._fields))
     else:
         # Autocast stays on inside a custom op: keep it off the backends' own fp32 math.
         with torch.autocast(device.type, enabled=False):
-            tok, seq = _backend_module(backend).forward(
-                hidden, weight, bias, labels.index_select(0, rows), rows, seg, opts, with_stats
-            )
-    lse = _scatter_rows(tok["lse"], rows, n, acc)
+            tok = get(backend).forward(x, opts, with_stats)
     if per_token:
-        vals = {k: _scatter_rows(tok[k], rows, n, acc) for k in keys}
+        vals = [_scatter_rows(getattr(tok, f), x.rows, n, acc) for f in fields]
         num_tokens = (labels != ignore_index).to(torch.int64)
     else:
-        # Copy S values: backends may return views of one buffer; op outputs must not alias.
-        vals = {k: seq[k].to(acc, copy=True) for k in keys}
+        vals = [segment_sum(getattr(tok, f).to(acc), seg) for f in fields]
         num_tokens = seg[1:] - seg[:-1]
     if cu_ok is not None:
-        vals = {k: torch.where(cu_ok, v, torch.full_like(v, float("nan"))) for k, v in vals.items()}
+        vals = [torch.where(cu_ok, v, float("nan")) for v in vals]
     if with_stats:
-        stats = [vals["logits_mean"], vals["entropy"], vals["top1"].round().to(torch.int64),
-                 vals["log_sum_sq_probs"]]
+        vals[3] = vals[3].round().to(torch.int64)  # top1_correct: a count
     else:
-        stats = [hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc),
+        vals += [hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc),
                  hidden.new_empty(0, dtype=torch.int64), hidden.new_empty(0, dtype=acc)]
-    return (vals["logp"], lse, num_tokens, *stats)
+    logps, *stats = vals
+    return (logps, _scatter_rows(tok.lse, x.rows, n, acc), num_tokens, *stats)
 
 
-def _backward_impl(
-    grad, hidden, weight, bias, labels, cu_seqlens, lse,
-    ignore_index, temperature, logit_scale, softcap, per_token, backend,
-    need_hidden, need_weight, need_bias,
-):
-    opts = _options(ignore_index, temperature, logit_scale, softcap)
-    # The forward checked these very tensors (saved for backward): no second pass over them.
-    rows, seg, _ = _prepare(hidden, weight, labels, cu_seqlens, ignore_index, check=False)
-    bias = None if bias is None else bias.contiguous()
-    n_valid = rows.shape[0]
-    needs = (need_hidden, need_weight, need_bias)
-    if n_valid == 0:
-        d_hidden = torch.zeros_like(hidden) if need_hidden else None
-        d_weight = torch.zeros_like(weight) if need_weight else None
-        d_bias = torch.zeros_like(bias) if need_bias else None
-    else:
-        if per_token:
-            grad_c = grad.index_select(0, rows)
-        else:
-            token_pos = torch.arange(n_valid, device=hidden.device)
-            seq_of = torch.searchsorted(seg[1:], token_pos, right=True)
-            grad_c = grad.index_select(0, seq_of.clamp_(max=seg.shape[0] - 2))
-        with torch.autocast(hidden.device.type, enabled=False):
-            d_hidden, d_weight, d_bias = _backend_module(backend).backward(
-                hidden, weight, bias, labels.index_select(0, rows), rows,
-                lse.index_select(0, rows), grad_c, opts, needs,
-            )
-    # Custom-op outputs may not alias: each unneeded gradient is its own empty tensor.
-    return (
-        d_hidden if need_hidden else hidden.new_empty(0),
-        d_weight if need_weight else hidden.new_empty(0),
-        d_bias if need_bias else hidden.new_empty(0),
-    )
-
-
-# ----------------------------------------------------------------------------- custom ops
-
-
-@torch.library.custom_op("dpo_kernels::linear_logprobs_fwd", mutates_args=())
-def _fwd_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, cu_seqlens: Tensor,
-    ignore_index: int, temperature: float, logit_scale: float, softcap: float,
-    per_token: bool, with_stats: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(
-        hidden, weight, bias, labels, cu_seqlens,
-        ignore_index, temperature, logit_scale, softcap, per_token, with_stats, backend,
-    )
+_fwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_fwd", _forward, mutates_args=())
 
 
 @_fwd_op.register_fake
-def _fwd_fake(
-    hidden, weight, bias, labels, cu_seqlens,
-    ignore_index, temperature, logit_scale, softcap, per_token, with_stats, backend,
-):
-    acc = compute_dtype(hidden.dtype)
-    n = hidden.shape[0]
+def _forward_fake(hidden, weight, bias, labels, cu_seqlens, *scalars):
+    per_token, with_stats = scalars[4], scalars[6]
+    acc, n = compute_dtype(hidden.dtype), hidden.shape[0]
     m = n if per_token else cu_seqlens.shape[0] - 1
     k = m if with_stats else 0
     return (
@@ -318,60 +202,62 @@ def _fwd_fake(
     )
 
 
-@torch.library.custom_op("dpo_kernels::linear_logprobs_bwd", mutates_args=())
-def _bwd_op(
-    grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-    cu_seqlens: Tensor, lse: Tensor,
+def _backward(
+    grad: Tensor, lse: Tensor,
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, cu_seqlens: Tensor,
     ignore_index: int, temperature: float, logit_scale: float, softcap: float,
     per_token: bool, backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward_impl(
-        grad, hidden, weight, bias, labels, cu_seqlens, lse,
-        ignore_index, temperature, logit_scale, softcap, per_token, backend,
-        need_hidden, need_weight, need_bias,
-    )
+    """Gradients of ``Σ grad · logps`` w.r.t. hidden, weight, bias (empty where not needed)."""
+    opts = LogitOptions.from_op_args(ignore_index, temperature, logit_scale, softcap)
+    # The forward checked these very tensors (saved for backward): no second pass over them.
+    x, seg, _ = _compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check=False)
+    needs = Needs(need_hidden, need_weight, need_bias)
+    n_valid = x.rows.shape[0]
+    if n_valid == 0:
+        grads = Grads(*(torch.zeros_like(t) if need else None
+                        for t, need in zip((hidden, weight, bias), needs)))
+    else:
+        if per_token:
+            grad_c = grad.index_select(0, x.rows)
+        else:  # each valid token gets its sequence's gradient
+            token_pos = torch.arange(n_valid, device=hidden.device)
+            seq_of = torch.searchsorted(seg[1:], token_pos, right=True)
+            grad_c = grad.index_select(0, seq_of.clamp_(max=seg.shape[0] - 2))
+        with torch.autocast(hidden.device.type, enabled=False):
+            grads = get(backend).backward(x, lse.index_select(0, x.rows), grad_c, opts, needs)
+    # Custom-op outputs may not alias: each unneeded gradient is its own empty tensor.
+    return tuple(g if need else hidden.new_empty(0) for g, need in zip(grads, needs))
+
+
+_bwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_bwd", _backward, mutates_args=())
 
 
 @_bwd_op.register_fake
-def _bwd_fake(
-    grad, hidden, weight, bias, labels, cu_seqlens, lse,
-    ignore_index, temperature, logit_scale, softcap, per_token, backend,
-    need_hidden, need_weight, need_bias,
-):
-    return (
-        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-        torch.empty_like(bias) if need_bias else hidden.new_empty(0),
-    )
+def _backward_fake(grad, lse, hidden, weight, bias, *rest):
+    needs = rest[-3:]
+    return tuple(torch.empty_like(t) if need else hidden.new_empty(0)
+                 for t, need in zip((hidden, weight, bias), needs))
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, cu_seqlens, *scalars = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, output[1])
-    ignore_index, temperature, logit_scale, softcap, per_token, _with_stats, backend = scalars
-    ctx.scalars = (ignore_index, temperature, logit_scale, softcap, per_token, backend)
-    ctx.has_bias = bias is not None
+    ctx.scalars = scalars[:-1]  # all but with_stats, which the backward does not need
+    ctx.n_inputs = len(inputs)
 
 
-def _backward(ctx, grad_logps, *_grad_stats):
+def _autograd_backward(ctx, grad_logps, *_grad_stats):
     hidden, weight, bias, labels, cu_seqlens, lse = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = need_b and ctx.has_bias
-    d_hidden, d_weight, d_bias = _bwd_op(
-        grad_logps, hidden, weight, bias, labels, cu_seqlens, lse,
-        *ctx.scalars, need_h, need_w, need_b,
-    )
-    return (
-        d_hidden if need_h else None,
-        d_weight if need_w else None,
-        d_bias if need_b else None,
-    ) + (None,) * 9
+    needs = (*ctx.needs_input_grad[:2], ctx.needs_input_grad[2] and bias is not None)
+    grads = _bwd_op(grad_logps, lse, hidden, weight, bias, labels, cu_seqlens, *ctx.scalars,
+                    *needs)
+    # Only hidden, weight and bias are differentiable; the rest of the inputs get None.
+    return (*(g if need else None for g, need in zip(grads, needs)),
+            *(None,) * (ctx.n_inputs - len(needs)))
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-#: The Python bodies behind the custom ops (tests use them to look inside the ops).
-OP_BODIES = {_fwd_op._opoverload: _forward_impl, _bwd_op._opoverload: _backward_impl}
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -438,8 +324,8 @@ def _check_args(hidden, weight, labels, bias, cu_seqlens, reduction, temperature
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -495,12 +381,11 @@ def linear_logprobs(
     hidden_2d = hidden.reshape(-1, dim)
     labels_1d = labels.reshape(-1).to(torch.int64)
     per_token = reduction == "none"
-    outs = _fwd_op(
-        hidden_2d, weight, bias, labels_1d, cu_seqlens,
-        int(ignore_index), float(temperature), float(logit_scale),
-        float(softcap) if softcap is not None else 0.0,
-        per_token, bool(return_stats), _resolve_backend(backend, hidden.device, hidden.dtype),
-    )
+    opts = LogitOptions(ignore_index, float(temperature), float(logit_scale),
+                        None if softcap is None else float(softcap))
+    chosen = resolve(backend, hidden.device, hidden.dtype)
+    outs = _fwd_op(hidden_2d, weight, bias, labels_1d, cu_seqlens, *opts.op_args(), per_token,
+                   chosen.name, bool(return_stats))
     logps, _lse, num_tokens, logits_sum, entropy_sum, top1, lss = outs
     if reduction == "mean":
         logps = logps / num_tokens.clamp(min=1)

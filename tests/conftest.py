@@ -3,20 +3,8 @@ import os
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-# Triton chooses compiled vs interpreted kernels when they are decorated, so this must be set
-# before dpo_kernels.triton is imported. With a GPU the kernels run compiled on CUDA instead.
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# First: helpers sets TRITON_INTERPRET before any Triton kernel is decorated.
+from .helpers import HAS_CUDA, HAS_TRITON, INTERPRET
 
 
 def _case(backend, device):

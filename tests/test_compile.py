@@ -5,7 +5,7 @@ import torch
 
 import dpo_kernels as dk
 
-from .test_logprobs import make_inputs
+from .helpers import make_inputs
 
 
 def dpo_like_step(hidden, weight, labels, bias, backend):
@@ -40,5 +40,5 @@ def test_opcheck(case):
     cu = torch.arange(hidden.shape[0] + 1, device=device) * hidden.shape[1]
     for per_token in (False, True):
         args = (hidden.reshape(n, d), weight, bias, labels.reshape(n), cu,
-                -100, 1.0, 1.0, 0.0, per_token, True, backend)
+                -100, 1.0, 1.0, 0.0, per_token, backend, True)
         torch.library.opcheck(torch.ops.dpo_kernels.linear_logprobs_fwd.default, args)

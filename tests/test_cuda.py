@@ -5,7 +5,7 @@ import torch
 
 import dpo_kernels as dk
 
-from .conftest import HAS_CUDA
+from .helpers import HAS_CUDA
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 
@@ -49,13 +49,41 @@ def _small():
     return hidden, weight, labels
 
 
+def _host_syncs(fn):
+    """``fn()``'s result and how many host syncs it made, counted by torch's sync debug mode."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, sum("synchronizing" in str(w.message) for w in caught)
+
+
+# The op's one documented host sync per pass: counting the valid rows (nonzero) sizes the launches.
+OP_SYNCS = 1
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_bad_label_on_cuda_is_nan_without_a_sync(backend, monkeypatch):
+    """A bad label costs no host sync beyond the op's own (no data check reads it back)."""
     monkeypatch.delenv("DPO_KERNELS_VALIDATE", raising=False)
     hidden, weight, labels = _small()
     labels[1, 3] = 50
-    out = dk.linear_logprobs(hidden, weight, labels, backend=backend)
+    dk.linear_logprobs(hidden, weight, labels, backend=backend)  # warm-up: compile, caches
+    out, syncs = _host_syncs(lambda: dk.linear_logprobs(hidden, weight, labels, backend=backend))
+    assert syncs == OP_SYNCS
     assert torch.isfinite(out[0]) and torch.isnan(out[1])
+    with pytest.raises(RuntimeError):  # the counter sees syncs: "error" mode raises on one
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            labels.nonzero()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_validate_opt_in_raises_on_cuda(monkeypatch):
@@ -66,9 +94,11 @@ def test_validate_opt_in_raises_on_cuda(monkeypatch):
         dk.linear_logprobs(hidden, weight, labels)
 
 
-def test_bad_cu_seqlens_on_cuda_is_nan(monkeypatch):
+def test_bad_cu_seqlens_on_cuda_is_nan_without_a_sync(monkeypatch):
     monkeypatch.delenv("DPO_KERNELS_VALIDATE", raising=False)
     hidden, weight, labels = _small()
     cu = torch.tensor([0, 7, 5, 12], device="cuda")
-    out = dk.linear_logprobs(hidden.reshape(12, 16), weight, labels.reshape(12), cu_seqlens=cu)
+    out, syncs = _host_syncs(lambda: dk.linear_logprobs(hidden.reshape(12, 16), weight,
+                                                        labels.reshape(12), cu_seqlens=cu))
+    assert syncs == OP_SYNCS
     assert torch.isnan(out).all()

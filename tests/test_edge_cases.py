@@ -4,11 +4,18 @@ import pytest
 import torch
 
 import dpo_kernels as dk
-from dpo_kernels.logprobs import _backend_module
-from dpo_kernels.reference import LogitOptions
+from dpo_kernels import backend as contract
 
-from .oracle import IGNORE, assert_close, check_grad, check_logps, naive_logprobs
-from .test_logprobs import make_inputs, run_case
+from .helpers import (
+    IGNORE,
+    INTERPRET,
+    assert_close,
+    check_grad,
+    check_logps,
+    make_inputs,
+    naive_logprobs,
+    run_case,
+)
 
 
 def check_against_oracle(hidden, weight, labels, bias=None, backend="torch", **kw):
@@ -153,8 +160,6 @@ def test_deterministic(case, dtype):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_out_of_range_label_gives_nan_in_backend(backend):
     """What runs on CUDA without the opt-in check: a bad label is NaN, never plausible."""
-    from .conftest import INTERPRET
-
     if backend == "triton" and not INTERPRET:
         pytest.skip("needs the Triton interpreter (CPU tensors)")
     hidden, weight, _, bias, _ = make_inputs("padded", True, torch.float32, "cpu")
@@ -162,13 +167,12 @@ def test_out_of_range_label_gives_nan_in_backend(backend):
     rows = torch.tensor([0, 1, 2, 5, 6])
     labels_c = torch.tensor([3, vocab, 4, -7, 9])
     seg = torch.tensor([0, 2, 3, 5])
-    tok, seq = _backend_module(backend).forward(
-        hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(), bias.detach(),
-        labels_c, rows, seg, LogitOptions(), True,
-    )
-    assert torch.isnan(tok["logp"]).tolist() == [False, True, False, True, False]
-    assert torch.isnan(seq["logp"]).tolist() == [True, False, True]
-    assert torch.isfinite(tok["lse"]).all()
+    x = contract.Rows(hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
+                      bias.detach(), rows, labels_c)
+    tok = contract.get(backend).forward(x, contract.LogitOptions(), True)
+    assert torch.isnan(tok.logps).tolist() == [False, True, False, True, False]
+    assert torch.isnan(contract.segment_sum(tok.logps, seg)).tolist() == [True, False, True]
+    assert torch.isfinite(tok.lse).all()
 
 
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import dpo_kernels as dk
-from dpo_kernels.cpu import BackendUnavailable
+from dpo_kernels.backend import BackendUnavailable
+
+from .helpers import INTERPRET
 
 B, T, D, V = 2, 5, 8, 11
 
@@ -72,8 +74,6 @@ CASES = [
 @pytest.mark.parametrize("over,exc,msg", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_input(over, exc, msg, backend):
-    from .conftest import INTERPRET
-
     over = dict(over)
     over.setdefault("backend", backend)
     if backend == "triton" and not INTERPRET and over["backend"] == "triton":
@@ -107,11 +107,11 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     """A CPU backend that cannot be built: "auto" warns once, says why, and still answers."""
     import warnings
 
-    from dpo_kernels import cpu, logprobs
+    from dpo_kernels import backend, cpu
 
     args, _ = good()
-    monkeypatch.setattr(cpu, "unavailable_reason", lambda: "no C++ compiler found")
-    monkeypatch.setattr(logprobs, "_warned_fallback", False)
+    monkeypatch.setattr(cpu.BACKEND, "unavailable_reason", lambda *a: "no C++ compiler found")
+    monkeypatch.setattr(backend, "_warned_fallback", False)
     with pytest.warns(RuntimeWarning, match="torch reference backend on CPU.*no C.. compiler"):
         first = dk.linear_logprobs(args["hidden"], args["weight"], args["labels"])
     with warnings.catch_warnings():
@@ -136,8 +136,6 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
 
 
 def test_triton_backend_rejects_float64():
-    from .conftest import INTERPRET
-
     if not INTERPRET:
         pytest.skip("needs the Triton interpreter (CPU tensors)")
     args, _ = good()

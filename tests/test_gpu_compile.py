@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import HAS_CUDA
+from .helpers import HAS_CUDA
 
 pytest.importorskip("triton")
 

@@ -5,7 +5,18 @@ import torch
 
 import dpo_kernels as dk
 
-from .oracle import IGNORE, VALUE_TOL, assert_close, check_grad, check_logps, naive_logprobs
+from .helpers import (
+    HAS_CUDA,
+    IGNORE,
+    INTERPRET,
+    VALUE_TOL,
+    D,
+    V,
+    assert_close,
+    make_inputs,
+    naive_logprobs,
+    run_case,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -20,51 +31,6 @@ VARIANTS = [
     ("packed-none-scale", "packed", "none", False, {"logit_scale": 0.5}),
     ("packed-mean", "packed", "mean", False, {"temperature": 2.0}),
 ]
-
-B, T, D, V = 3, 13, 48, 1001  # 37-ish valid rows, several vocab tiles and splits, odd sizes
-
-
-def make_inputs(layout, bias, dtype, device, *, b=B, t=T, d=D, v=V, seed=0, h_scale=1.0,
-                w_scale=None):
-    g = torch.Generator().manual_seed(seed)
-    w_scale = d**-0.5 if w_scale is None else w_scale
-    if layout == "padded":
-        hidden = torch.randn(b, t, d, generator=g) * h_scale
-        labels = torch.randint(0, v, (b, t), generator=g)
-        labels[:, : t // 4] = IGNORE            # a prompt
-        labels[-1, -2:] = IGNORE                 # padding
-        cu = None
-    else:
-        lens = torch.tensor([5, 0, 17, 1, 11])  # an empty sequence, a one-token sequence
-        n = int(lens.sum())
-        hidden = torch.randn(n, d, generator=g) * h_scale
-        labels = torch.randint(0, v, (n,), generator=g)
-        labels[torch.rand(n, generator=g) < 0.3] = IGNORE
-        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(device)
-    weight = torch.randn(v, d, generator=g) * w_scale
-    bias_t = torch.randn(v, generator=g) if bias else None
-    cast = lambda x: x.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
-    return (cast(hidden), cast(weight), labels.to(device),
-            None if bias_t is None else cast(bias_t), cu)
-
-
-def run_case(backend, device, dtype, layout, reduction, bias, opts, **shape):
-    hidden, weight, labels, bias_t, cu = make_inputs(layout, bias, dtype, device, **shape)
-    params = [hidden, weight] + ([bias_t] if bias_t is not None else [])
-    kw = dict(reduction=reduction, cu_seqlens=cu, **opts)
-    out = dk.linear_logprobs(hidden, weight, labels, bias_t, backend=backend, **kw)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    grads = torch.autograd.grad(out, params, grad_out)
-
-    ref = naive_logprobs(hidden, weight, labels, bias_t, **kw)["logps"]
-    ref_grads = torch.autograd.grad(ref, params, grad_out.double())
-    same = naive_logprobs(hidden, weight, labels, bias_t, dtype=None, **kw)["logps"]
-    same_grads = torch.autograd.grad(same, params, grad_out.float())
-    check_logps(out, ref)
-    for name, g, rg, sg in zip(["hidden", "weight", "bias"], grads, ref_grads, same_grads):
-        check_grad(g, rg, sg, dtype, f"d{name}")
-    return out, grads
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
@@ -126,8 +92,6 @@ def test_triton_shapes_span_tiles_and_splits():
 def test_backends_agree(dtype):
     """Triton (interpreted or CUDA) and the torch reference agree with each other too."""
     pytest.importorskip("triton")
-    from .conftest import HAS_CUDA, INTERPRET
-
     device = "cuda" if HAS_CUDA else "cpu"
     if device == "cpu" and not INTERPRET:
         pytest.skip("Triton cannot run on this machine")
@@ -136,3 +100,41 @@ def test_backends_agree(dtype):
     b = dk.linear_logprobs(hidden, weight, labels, bias, backend="triton", return_stats=True)
     for x, y, name in zip(a, b, a._fields):
         assert_close(y, x, tol=VALUE_TOL, what=name)  # both keep fp32 logits
+
+
+def test_sequence_sums_are_the_one_reduction(case):
+    """Every backend's per-sequence values are ``segment_sum`` of its own per-token values,
+    bitwise: one reduction, in one place, for every backend."""
+    from dpo_kernels.backend import segment_sum
+
+    backend, device = case
+    for layout in ("padded", "packed"):
+        hidden, weight, labels, bias, cu = make_inputs(layout, True, torch.float32, device)
+        kw = dict(cu_seqlens=cu, backend=backend, return_stats=True, softcap=7.0)
+        with torch.no_grad():
+            seq = dk.linear_logprobs(hidden, weight, labels, bias, **kw)
+            tok = dk.linear_logprobs(hidden, weight, labels, bias, reduction="none", **kw)
+        valid = (labels != IGNORE).reshape(-1)
+        seg = torch.cat([seq.num_tokens.new_zeros(1), seq.num_tokens.cumsum(0)])
+        assert int(seg[-1]) == int(valid.sum()) and (seq.num_tokens > 0).any()
+        for field in ("logps", "logits_sum", "entropy_sum", "log_sum_sq_probs_sum"):
+            per_token = getattr(tok, field).reshape(-1)[valid]
+            assert torch.equal(getattr(seq, field), segment_sum(per_token, seg)), field
+        top1 = segment_sum(tok.top1_correct.reshape(-1)[valid].double(), seg).long()
+        assert torch.equal(seq.top1_correct, top1)
+
+
+def test_segment_sum_keeps_sequences_apart():
+    """Each segment is summed on its own: a huge or NaN value never reaches a neighbour."""
+    from dpo_kernels.backend import segment_sum
+
+    x = torch.tensor([1.5, -2.25, -1e30, 3.0, float("nan"), 0.125, 7.0])
+    seg = torch.tensor([0, 2, 2, 3, 4, 5, 7])
+    out = segment_sum(x, seg)
+    assert out.dtype == x.dtype
+    assert out[[0, 1, 2, 3, 5]].tolist() == [-0.75, 0.0, x[2].item(), 3.0, 7.125]
+    assert torch.isnan(out[4])
+    assert segment_sum(x[:0], torch.zeros(4, dtype=torch.int64)).tolist() == [0.0, 0.0, 0.0]
+    # float64 accumulation: a float32 running sum would lose the small terms entirely.
+    big = torch.tensor([2.0**24, 1.0, 1.0, -(2.0**24)])
+    assert segment_sum(big, torch.tensor([0, 4])).item() == 2.0

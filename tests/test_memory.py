@@ -6,15 +6,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import dpo_kernels as dk
-from dpo_kernels.logprobs import OP_BODIES
+from dpo_kernels import logprobs
 
-from .oracle import naive_logprobs
-from .test_logprobs import make_inputs
+from .helpers import make_inputs, naive_logprobs
 
 # N·V/4 = 32768 > V·D = 16384 > N·D = 2048: the bound catches logits, not the head or activations.
 B, T, D, V = 2, 64, 16, 1024
 N = B * T
 BOUND = N * V // 4
+# The Python functions behind the two custom ops, keyed by the op the dispatcher sees.
+OP_BODIES = {logprobs._fwd_op._opoverload: logprobs._forward,
+             logprobs._bwd_op._opoverload: logprobs._backward}
 
 
 class AllocationRecorder(TorchDispatchMode):

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from .test_logprobs import run_case
+from .helpers import run_case
 
 BASE_SEED = int(os.environ.get("DPO_KERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
 CONFIGS = 6

@@ -8,7 +8,7 @@ import triton.language as tl  # noqa: E402
 
 from dpo_kernels.triton.tile import cast_for_store, tanh  # noqa: E402
 
-from .conftest import HAS_CUDA, INTERPRET  # noqa: E402
+from .helpers import HAS_CUDA, INTERPRET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="Triton cannot run here")
 DEVICE = "cuda" if HAS_CUDA else "cpu"

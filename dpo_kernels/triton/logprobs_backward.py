@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import Grads, LogitOptions, Needs, Rows
 from . import policy
 from .tile import cast_for_store, logits_tile
 
@@ -104,8 +105,9 @@ def _matmul(a, b, out, accumulate):
     )
 
 
-def backward(hidden, weight, bias, labels_c, rows, lse_c, grad_c, opts, needs):
-    """Launcher; the interface is described in :mod:`dpo_kernels.reference`."""
+def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
+    """Launcher of :meth:`dpo_kernels.backend.Backend.backward`."""
+    hidden, weight, bias, rows, labels_c = x
     need_h, need_w, need_b = needs
     n_rows = rows.shape[0]
     vocab, dim = weight.shape
@@ -131,7 +133,7 @@ def backward(hidden, weight, bias, labels_c, rows, lse_c, grad_c, opts, needs):
             g.stride(0), g.stride(1),
             opts.pre_scale, opts.post_scale,
             BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
-            HAS_BIAS=has_bias, HAS_SOFTCAP=opts.softcap is not None,
+            HAS_BIAS=has_bias, HAS_SOFTCAP=opts.has_softcap,
             INTERPRETER=t.interpreter, PRECISION=t.precision,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
@@ -145,4 +147,4 @@ def backward(hidden, weight, bias, labels_c, rows, lse_c, grad_c, opts, needs):
     if need_h:
         d_hidden = torch.zeros_like(hidden)
         d_hidden.index_copy_(0, rows, d_hc.to(dtype))
-    return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
+    return Grads(d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))

@@ -1,25 +1,25 @@
-"""Forward: per-token log-sum-exp, target logit and stats, then per-sequence sums.
+"""Forward: per-token log-sum-exp, target logit and stats.
 
 Two kernels. ``_fwd_partial_kernel`` runs on a grid of (row blocks × vocab splits); each program
 streams its vocab range in tiles, keeps an online max / sum-exp per row, and takes the target
 logit from the same tile it is exponentiated in. ``_fwd_combine_kernel`` runs one program per
-sequence: it merges the splits of each of the sequence's tokens in a fixed order and sums the
-tokens — deterministic, no atomics.
+block of tokens and merges each token's splits in a fixed order — deterministic, no atomics. The
+per-sequence sums are the one reduction every backend shares (``backend.segment_sum``).
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ..backend import LogitOptions, Rows, TokenResult
 from . import policy
 from .tile import logits_tile
 
 # Rows of the partials buffer: online max, sum of exp, target logit; with stats also
 # sum of p·z, sum of p², sum of z (all relative to the running max where it applies).
 _M, _S, _ZT, _PZ, _P2, _Z = (tl.constexpr(i) for i in range(6))
-# Rows of the per-token / per-sequence outputs, in the order of _TOKEN_KEYS.
+# Rows of the per-token outputs, in the order of the fields of backend.TokenResult.
 _LOGP, _LSE, _MEAN, _ENT, _TOP1, _LSS = (tl.constexpr(i) for i in range(6))
-_TOKEN_KEYS = ("logp", "lse", "logits_mean", "entropy", "top1", "log_sum_sq_probs")
 
 
 @triton.jit
@@ -81,77 +81,52 @@ def _fwd_partial_kernel(
 
 @triton.jit
 def _fwd_combine_kernel(
-    PART, LABELS, SEG,                       # partials, compacted labels, sequence offsets (S+1,)
-    TOK, SEQ,                                # outputs: [6, Nv] per token, [6, S] per sequence
-    n_splits, V, inv_V,
-    stride_pq, stride_ps, stride_tq, stride_sq,
+    PART, LABELS, TOK,                       # partials, compacted labels; TOK [6, Nv] out
+    n_rows, n_splits, V, inv_V,
+    stride_pq, stride_ps, stride_tq,
     HAS_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    sid = tl.program_id(0)
-    beg = tl.load(SEG + sid)
-    end = tl.load(SEG + sid + 1)
-    acc_logp = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_mean = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_ent = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_top1 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_lss = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(beg, end, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < end
-        big_m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        for k in range(n_splits):
-            mk = tl.load(PART + _M * stride_pq + k * stride_ps + offs, mask=mask, other=0.0)
-            big_m = tl.maximum(big_m, mk)
-        s = tl.zeros([BLOCK], dtype=tl.float32)
-        zt = tl.zeros([BLOCK], dtype=tl.float32)
-        pz = tl.zeros([BLOCK], dtype=tl.float32)
-        p2 = tl.zeros([BLOCK], dtype=tl.float32)
-        zs = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in range(n_splits):
-            base = PART + k * stride_ps + offs
-            scale = tl.exp(tl.load(base + _M * stride_pq, mask=mask, other=0.0) - big_m)
-            s += tl.load(base + _S * stride_pq, mask=mask, other=0.0) * scale
-            zt += tl.load(base + _ZT * stride_pq, mask=mask, other=0.0)
-            if HAS_STATS:
-                pz += tl.load(base + _PZ * stride_pq, mask=mask, other=0.0) * scale
-                p2 += tl.load(base + _P2 * stride_pq, mask=mask, other=0.0) * (scale * scale)
-                zs += tl.load(base + _Z * stride_pq, mask=mask, other=0.0)
-        s = tl.where(mask, s, 1.0)  # padding lanes: keep log() finite
-        log_s = tl.log(s)
-        lse = big_m + log_s
-        labels = tl.load(LABELS + offs, mask=mask, other=0)
-        # An out-of-range label never matched a column: make its log-prob NaN, not -lse.
-        bad = (labels < 0) | (labels >= V)
-        logp = tl.where(bad, float("nan"), zt - lse)
-        tl.store(TOK + _LOGP * stride_tq + offs, logp, mask=mask)
-        tl.store(TOK + _LSE * stride_tq + offs, lse, mask=mask)
-        acc_logp += tl.where(mask, logp, 0.0)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_rows
+    big_m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for k in range(n_splits):
+        mk = tl.load(PART + _M * stride_pq + k * stride_ps + offs, mask=mask, other=0.0)
+        big_m = tl.maximum(big_m, mk)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    zt = tl.zeros([BLOCK], dtype=tl.float32)
+    pz = tl.zeros([BLOCK], dtype=tl.float32)
+    p2 = tl.zeros([BLOCK], dtype=tl.float32)
+    zs = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(n_splits):
+        base = PART + k * stride_ps + offs
+        scale = tl.exp(tl.load(base + _M * stride_pq, mask=mask, other=0.0) - big_m)
+        s += tl.load(base + _S * stride_pq, mask=mask, other=0.0) * scale
+        zt += tl.load(base + _ZT * stride_pq, mask=mask, other=0.0)
         if HAS_STATS:
-            mean = zs * inv_V
-            ent = lse - pz / s
-            top1 = tl.where(zt >= big_m, 1.0, 0.0)
-            lss = tl.log(tl.where(mask, p2, 1.0)) - 2.0 * log_s
-            tl.store(TOK + _MEAN * stride_tq + offs, mean, mask=mask)
-            tl.store(TOK + _ENT * stride_tq + offs, ent, mask=mask)
-            tl.store(TOK + _TOP1 * stride_tq + offs, top1, mask=mask)
-            tl.store(TOK + _LSS * stride_tq + offs, lss, mask=mask)
-            acc_mean += tl.where(mask, mean, 0.0)
-            acc_ent += tl.where(mask, ent, 0.0)
-            acc_top1 += tl.where(mask, top1, 0.0)
-            acc_lss += tl.where(mask, lss, 0.0)
-    tl.store(SEQ + _LOGP * stride_sq + sid, tl.sum(acc_logp, axis=0))
+            pz += tl.load(base + _PZ * stride_pq, mask=mask, other=0.0) * scale
+            p2 += tl.load(base + _P2 * stride_pq, mask=mask, other=0.0) * (scale * scale)
+            zs += tl.load(base + _Z * stride_pq, mask=mask, other=0.0)
+    s = tl.where(mask, s, 1.0)  # padding lanes: keep log() finite
+    log_s = tl.log(s)
+    lse = big_m + log_s
+    labels = tl.load(LABELS + offs, mask=mask, other=0)
+    # An out-of-range label never matched a column: make its log-prob NaN, not -lse.
+    bad = (labels < 0) | (labels >= V)
+    tl.store(TOK + _LOGP * stride_tq + offs, tl.where(bad, float("nan"), zt - lse), mask=mask)
+    tl.store(TOK + _LSE * stride_tq + offs, lse, mask=mask)
     if HAS_STATS:
-        tl.store(SEQ + _MEAN * stride_sq + sid, tl.sum(acc_mean, axis=0))
-        tl.store(SEQ + _ENT * stride_sq + sid, tl.sum(acc_ent, axis=0))
-        tl.store(SEQ + _TOP1 * stride_sq + sid, tl.sum(acc_top1, axis=0))
-        tl.store(SEQ + _LSS * stride_sq + sid, tl.sum(acc_lss, axis=0))
+        tl.store(TOK + _MEAN * stride_tq + offs, zs * inv_V, mask=mask)
+        tl.store(TOK + _ENT * stride_tq + offs, lse - pz / s, mask=mask)
+        tl.store(TOK + _TOP1 * stride_tq + offs, tl.where(zt >= big_m, 1.0, 0.0), mask=mask)
+        lss = tl.log(tl.where(mask, p2, 1.0)) - 2.0 * log_s
+        tl.store(TOK + _LSS * stride_tq + offs, lss, mask=mask)
 
 
-def forward(hidden, weight, bias, labels_c, rows, seg, opts, with_stats):
-    """Launcher; the interface is described in :mod:`dpo_kernels.reference`."""
+def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
+    """Launcher of :meth:`dpo_kernels.backend.Backend.forward`."""
+    hidden, weight, bias, rows, labels = x
     n_rows = rows.shape[0]
     vocab, dim = weight.shape
-    n_seq = seg.shape[0] - 1
     t = policy.tiles(hidden.dtype, hidden.device)
     n_splits, split_size = policy.vocab_splits(n_rows, vocab, t, hidden.device)
     device = hidden.device
@@ -159,29 +134,24 @@ def forward(hidden, weight, bias, labels_c, rows, seg, opts, with_stats):
     part = torch.empty((n_q, n_splits, n_rows), dtype=torch.float32, device=device)
     n_out = 6 if with_stats else 2
     tok = torch.empty((n_out, n_rows), dtype=torch.float32, device=device)
-    seq = torch.empty((n_out, n_seq), dtype=torch.float32, device=device)
     has_bias = bias is not None
     grid = (triton.cdiv(n_rows, t.block_n), n_splits)
     _fwd_partial_kernel[grid](
-        hidden, weight, bias if has_bias else weight, rows, labels_c, part,
+        hidden, weight, bias if has_bias else weight, rows, labels, part,
         n_rows, dim, vocab, split_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         part.stride(0), part.stride(1),
         opts.pre_scale, opts.post_scale,
         BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
-        HAS_BIAS=has_bias, HAS_SOFTCAP=opts.softcap is not None, HAS_STATS=with_stats,
+        HAS_BIAS=has_bias, HAS_SOFTCAP=opts.has_softcap, HAS_STATS=with_stats,
         INTERPRETER=t.interpreter, PRECISION=t.precision,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    if n_seq > 0:
-        _fwd_combine_kernel[(n_seq,)](
-            part, labels_c, seg, tok, seq,
-            n_splits, vocab, 1.0 / vocab,
-            part.stride(0), part.stride(1), tok.stride(0), seq.stride(0),
-            HAS_STATS=with_stats, BLOCK=128 if policy.interpreting() else 1024,
-            num_warps=4,
-        )
-    keys = _TOKEN_KEYS[:n_out]
-    tok_out = {k: tok[i] for i, k in enumerate(keys)}
-    seq_out = {k: seq[i] for i, k in enumerate(keys) if k != "lse"}
-    return tok_out, seq_out
+    block = policy.combine_block(hidden.device)
+    _fwd_combine_kernel[(triton.cdiv(n_rows, block),)](
+        part, labels, tok,
+        n_rows, n_splits, vocab, 1.0 / vocab,
+        part.stride(0), part.stride(1), tok.stride(0),
+        HAS_STATS=with_stats, BLOCK=block, num_warps=4,
+    )
+    return TokenResult(*tok.unbind())

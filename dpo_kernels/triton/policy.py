@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reference import chunk_budget_bytes
+from ..backend import chunk_budget_bytes
 
 
 def interpreting() -> bool:
@@ -71,6 +71,11 @@ def matmul_tiles(dtype: torch.dtype, device: torch.device) -> MatmulTiles:
     if dtype == torch.float32:
         return MatmulTiles(64, 64, 32, 4, 3, interpreter=False, precision=_fp32_precision())
     return MatmulTiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee")
+
+
+def combine_block(device: torch.device) -> int:
+    """Tokens per program of the forward's combine kernel (elementwise over tokens)."""
+    return 1024 if compiled_on_gpu(device) else 128
 
 
 @functools.cache

@@ -1,8 +1,28 @@
-"""An independent oracle: materialise every logit, in float64 (or the input dtype)."""
+"""What the tests share: the machine flags, random inputs, and an independent oracle (every
+logit materialised, in float64 or the input dtype) with the tolerance rules of DESIGN.md.
+
+Tests import from here only (never from another test or from ``conftest``).
+"""
 
 import math
+import os
 
 import torch
+
+import dpo_kernels as dk
+
+HAS_CUDA = torch.cuda.is_available()
+# Triton chooses compiled vs interpreted kernels when they are decorated, so this must be set
+# before dpo_kernels.triton's kernels are imported. With a GPU the kernels run compiled on CUDA.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
 
 IGNORE = -100
 
@@ -101,3 +121,50 @@ def check_grad(ours, oracle, same, dtype, what):
     top = oracle.abs().max().item() if oracle.numel() else 0.0
     ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top)) if top > 0 else 0.0
     assert_close(ours, oracle, same, tol=0.0, atol=HALF_GRAD_ULPS * ulp, what=what)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+B, T, D, V = 3, 13, 48, 1001  # 37-ish valid rows, several vocab tiles and splits, odd sizes
+
+
+def make_inputs(layout, bias, dtype, device, *, b=B, t=T, d=D, v=V, seed=0, h_scale=1.0,
+                w_scale=None):
+    g = torch.Generator().manual_seed(seed)
+    w_scale = d**-0.5 if w_scale is None else w_scale
+    if layout == "padded":
+        hidden = torch.randn(b, t, d, generator=g) * h_scale
+        labels = torch.randint(0, v, (b, t), generator=g)
+        labels[:, : t // 4] = IGNORE            # a prompt
+        labels[-1, -2:] = IGNORE                 # padding
+        cu = None
+    else:
+        lens = torch.tensor([5, 0, 17, 1, 11])  # an empty sequence, a one-token sequence
+        n = int(lens.sum())
+        hidden = torch.randn(n, d, generator=g) * h_scale
+        labels = torch.randint(0, v, (n,), generator=g)
+        labels[torch.rand(n, generator=g) < 0.3] = IGNORE
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(device)
+    weight = torch.randn(v, d, generator=g) * w_scale
+    bias_t = torch.randn(v, generator=g) if bias else None
+    cast = lambda x: x.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return (cast(hidden), cast(weight), labels.to(device),
+            None if bias_t is None else cast(bias_t), cu)
+
+
+def run_case(backend, device, dtype, layout, reduction, bias, opts, **shape):
+    hidden, weight, labels, bias_t, cu = make_inputs(layout, bias, dtype, device, **shape)
+    params = [hidden, weight] + ([bias_t] if bias_t is not None else [])
+    kw = dict(reduction=reduction, cu_seqlens=cu, **opts)
+    out = dk.linear_logprobs(hidden, weight, labels, bias_t, backend=backend, **kw)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    grads = torch.autograd.grad(out, params, grad_out)
+
+    ref = naive_logprobs(hidden, weight, labels, bias_t, **kw)["logps"]
+    ref_grads = torch.autograd.grad(ref, params, grad_out.double())
+    same = naive_logprobs(hidden, weight, labels, bias_t, dtype=None, **kw)["logps"]
+    same_grads = torch.autograd.grad(same, params, grad_out.float())
+    check_logps(out, ref)
+    for name, g, rg, sg in zip(["hidden", "weight", "bias"], grads, ref_grads, same_grads):
+        check_grad(g, rg, sg, dtype, f"d{name}")
+    return out, grads

@@ -1,0 +1,296 @@
+"""The contract every backend of :func:`dpo_kernels.linear_logprobs` implements.
+
+A backend computes, for the *compacted* valid rows of one call (prompt and padding rows are
+dropped before it is called), per-token log-probs and statistics (:meth:`Backend.forward`) and the
+gradients of ``Σ_i grad_i · logp_i`` (:meth:`Backend.backward`). Everything around that — argument
+checks, compaction, the one per-sequence reduction (:func:`segment_sum`), scattering per-token
+values back, autograd — lives in :mod:`dpo_kernels.logprobs` and is the same for every backend.
+
+The backends: ``"torch"`` (:mod:`dpo_kernels.reference`, the oracle and last-resort fallback),
+``"cpp"`` (:mod:`dpo_kernels.cpu`, the C++ CPU extension) and ``"triton"``
+(:mod:`dpo_kernels.triton`, CUDA, or CPU tensors under ``TRITON_INTERPRET=1``). Each module
+makes its backend object ``BACKEND = register(...)`` when imported (``dpo_kernels`` imports all
+three; none of them imports a compiler or kernel at that point), so this module imports none of
+them; :func:`resolve` picks one for ``backend="auto"``, and :func:`available` says which can run
+here, and why not.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_CHUNK_MB",
+    "STAT_FIELDS",
+    "Backend",
+    "BackendUnavailable",
+    "Grads",
+    "LogitOptions",
+    "Needs",
+    "Rows",
+    "TokenResult",
+    "available",
+    "chunk_budget_bytes",
+    "compute_dtype",
+    "get",
+    "register",
+    "resolve",
+    "segment_sum",
+]
+
+#: Backend names ``linear_logprobs(backend=...)`` accepts, besides ``"auto"``.
+BACKENDS = ("triton", "cpp", "torch")
+_REGISTRY: dict[str, Backend] = {}
+
+#: Default memory budget for one chunk of ``[tokens × vocab]`` work (logits or logit gradients).
+DEFAULT_CHUNK_MB = 256.0
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+def chunk_budget_bytes() -> int:
+    """Bytes one chunk of ``[tokens × vocab]`` work may take: ``DPO_KERNELS_CHUNK_MB`` MiB."""
+    raw = os.environ.get("DPO_KERNELS_CHUNK_MB")
+    if raw is None:
+        return int(DEFAULT_CHUNK_MB * 2**20)
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"DPO_KERNELS_CHUNK_MB must be a number of MiB, got {raw!r}") from None
+    if not (math.isfinite(mb) and mb > 0):
+        raise ValueError(f"DPO_KERNELS_CHUNK_MB must be positive and finite, got {raw!r}")
+    return max(1, int(mb * 2**20))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 inputs stay float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+@dataclass(frozen=True)
+class LogitOptions:
+    """The scalar options of one call, shared by every backend.
+
+    Logits are ``z = softcap·tanh(logit_scale·x / softcap) / temperature`` with ``x = h·Wᵀ + b``,
+    or ``z = logit_scale·x / temperature`` without softcap: ``z = post_scale·tanh(pre_scale·x)``
+    or ``z = pre_scale·x``.
+    """
+
+    ignore_index: int = -100
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @property
+    def has_softcap(self) -> bool:
+        return self.softcap is not None
+
+    @property
+    def pre_scale(self) -> float:
+        if self.softcap is None:
+            return self.logit_scale / self.temperature
+        return self.logit_scale / self.softcap
+
+    @property
+    def post_scale(self) -> float:
+        return 1.0 if self.softcap is None else self.softcap / self.temperature
+
+    def op_args(self) -> tuple[int, float, float, float]:
+        """The options as the custom ops' scalar arguments (no softcap travels as 0.0)."""
+        return (self.ignore_index, self.temperature, self.logit_scale, self.softcap or 0.0)
+
+    @classmethod
+    def from_op_args(cls, ignore_index: int, temperature: float, logit_scale: float,
+                     softcap: float) -> LogitOptions:
+        return cls(ignore_index, temperature, logit_scale, softcap if softcap > 0 else None)
+
+    def transform(self, x: Tensor) -> Tensor:
+        """Raw logits ``x`` -> the logits ``z`` the log-softmax is taken over."""
+        if self.softcap is None:
+            return x * self.pre_scale
+        return torch.tanh(x * self.pre_scale) * self.post_scale
+
+    def transform_grad(self, z: Tensor) -> Tensor:
+        """``dz/dx`` written in terms of ``z`` (for softcap ``tanh = z / post_scale``)."""
+        if self.softcap is None:
+            return torch.full_like(z, self.pre_scale)
+        t = z / self.post_scale
+        return (1.0 - t * t) * (self.pre_scale * self.post_scale)
+
+
+class Rows(NamedTuple):
+    """The valid rows of one call: what every backend method receives.
+
+    ``hidden (N, D)`` all rows (ignored ones included: backends read only ``rows``),
+    ``weight (V, D)`` contiguous, ``bias (V,)`` contiguous or None, ``rows (Nv,)`` int64 indices of
+    the valid rows of ``hidden`` in increasing order, ``labels (Nv,)`` int64 their targets.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    rows: Tensor
+    labels: Tensor
+
+
+#: The statistics a forward computes with ``with_stats=True``: the names of
+#: :class:`dpo_kernels.LogProbStats`, per token here and per sequence there.
+STAT_FIELDS = ("logits_sum", "entropy_sum", "top1_correct", "log_sum_sq_probs_sum")
+
+
+class TokenResult(NamedTuple):
+    """Per-token forward results on the compacted rows, each ``(Nv,)`` in the compute dtype.
+
+    With ``z`` a token's logits and ``p = softmax(z)``: ``logps = z[label] − lse`` (NaN for a label
+    outside ``[0, V)``, never a plausible number), ``lse = logsumexp(z)`` (saved for the
+    backward); with stats, ``logits_sum = mean_v z_v``, ``entropy_sum = −Σ_v p_v log p_v``,
+    ``top1_correct`` 1.0 if the label has the largest logit else 0.0, and
+    ``log_sum_sq_probs_sum = log Σ_v p_v²``; None without stats. The names are those of
+    :class:`dpo_kernels.LogProbStats`, whose per-sequence values are their sums.
+    """
+
+    logps: Tensor
+    lse: Tensor
+    logits_sum: Optional[Tensor] = None
+    entropy_sum: Optional[Tensor] = None
+    top1_correct: Optional[Tensor] = None
+    log_sum_sq_probs_sum: Optional[Tensor] = None
+
+
+class Needs(NamedTuple):
+    """Which gradients a backward must compute."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+
+class Grads(NamedTuple):
+    """Gradients in the input dtype: ``hidden (N, D)`` (zero on ignored rows), ``weight (V, D)``,
+    ``bias (V,)``; None where not needed."""
+
+    hidden: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+class Backend(abc.ABC):
+    """One implementation of the fused linear log-prob op on compacted rows.
+
+    Subclasses set :attr:`name` and implement the three methods. ``forward`` and ``backward`` are
+    only called with ``Nv >= 1`` valid rows, inputs of a dtype the backend accepts (see
+    :meth:`unavailable_reason`), and autocast off.
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def unavailable_reason(self, device: torch.device, dtype: Optional[torch.dtype] = None
+                           ) -> Optional[str]:
+        """None if this backend runs on ``device`` tensors of ``dtype`` here, else why not."""
+
+    @abc.abstractmethod
+    def forward(self, x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
+        """Per-token results of the valid rows (statistics only if ``with_stats``)."""
+
+    @abc.abstractmethod
+    def backward(self, x: Rows, lse: Tensor, grad: Tensor, opts: LogitOptions,
+                 needs: Needs) -> Grads:
+        """Gradients of ``Σ_i grad[i] · logp_i``; ``lse (Nv,)`` is the forward's, ``grad (Nv,)``
+        the upstream gradient of each valid token's log-prob. Must recompute bit-identical
+        logits to the forward's."""
+
+
+def register(backend: Backend) -> Backend:
+    """Adds ``backend`` to the table under its name (each backend module calls it once)."""
+    if backend.name not in BACKENDS:
+        raise ValueError(f"unknown backend name {backend.name!r}; add it to BACKENDS")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get(name: str) -> Backend:
+    """The backend object called ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available(device: Union[torch.device, str, None] = None,
+              dtype: Optional[torch.dtype] = None) -> dict[str, Optional[str]]:
+    """For each backend name, None if it can run on ``device`` (default: CUDA if present, else
+    the CPU) tensors of ``dtype`` here, else the reason it cannot. May build the C++ backend."""
+    device = _default_device() if device is None else torch.device(device)
+    return {name: get(name).unavailable_reason(device, dtype) for name in BACKENDS}
+
+
+_warned_fallback = False
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that runs a call: ``backend`` itself (raising :class:`BackendUnavailable`, or
+    ``TypeError`` for a dtype it does not take, with the reason), or for ``"auto"``: torch for
+    float64, else Triton on CUDA and the C++ backend on the CPU, falling back to torch with one
+    warning (none when ``DPO_KERNELS_NO_CPP=1`` turned the C++ backend off on purpose)."""
+    global _warned_fallback
+    if backend != "auto":
+        chosen = get(backend)
+        reason = chosen.unavailable_reason(device, dtype)
+        if reason is not None:
+            if dtype == torch.float64 and chosen.unavailable_reason(device) is None:
+                raise TypeError(reason)
+            raise BackendUnavailable(reason)
+        return chosen
+    if dtype == torch.float64:
+        return get("torch")  # float64 is for checking and debugging: the exact reference serves it
+    preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+    if preferred is not None:
+        reason = get(preferred).unavailable_reason(device, dtype)
+        if reason is None:
+            return get(preferred)
+        quiet = preferred == "cpp" and os.environ.get("DPO_KERNELS_NO_CPP", "0") == "1"
+        if not (_warned_fallback or quiet):
+            _warned_fallback = True
+            where = " on CPU" if device.type == "cpu" else ""
+            warnings.warn(
+                f"dpo_kernels: falling back to the torch reference backend{where} ({reason})",
+                RuntimeWarning, stacklevel=3)
+    return get("torch")
+
+
+# ----------------------------------------------------------------------------- the reduction
+
+
+def segment_sum(x: Tensor, seg: Tensor) -> Tensor:
+    """Sums of ``x (Nv,)`` over the segments ``[seg[s], seg[s+1])``, ``(S,)`` in ``x``'s dtype.
+
+    The one per-sequence reduction of every backend. Each segment is summed on its own (in
+    float64, in a fixed order: deterministic on every device, no atomics, no host sync), so no
+    value of one sequence can leak into another's sum, however large; a NaN makes its own
+    segment NaN; an empty segment sums to 0.
+    """
+    if x.shape[0] == 0:
+        return torch.zeros(seg.shape[0] - 1, dtype=x.dtype, device=x.device)
+    sums = torch.segment_reduce(x.double(), "sum", offsets=seg, unsafe=True)
+    return sums.to(x.dtype)
