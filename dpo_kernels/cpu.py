@@ -25,17 +25,7 @@ from typing import Optional
 
 import torch
 
-from .backend import (
-    Backend,
-    BackendUnavailable,
-    Grads,
-    LogitOptions,
-    Needs,
-    Rows,
-    TokenResult,
-    chunk_budget_bytes,
-    register,
-)
+from .backend import Backend, BackendUnavailable, Grads, TokenResult, chunk_budget_bytes, register
 
 __all__ = ["BACKEND", "BackendUnavailable", "CppBackend", "load"]
 
@@ -169,7 +159,7 @@ class CppBackend(Backend):
                     "backend='torch' (or 'auto')")
         return None
 
-    def forward(self, x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
+    def forward(self, x, opts, with_stats) -> TokenResult:
         hidden, weight, bias, rows, labels = x
         n_rows = rows.shape[0]
         outs = load().forward(
@@ -178,7 +168,7 @@ class CppBackend(Backend):
         )
         return TokenResult(*outs)
 
-    def backward(self, x: Rows, lse, grad, opts: LogitOptions, needs: Needs) -> Grads:
+    def backward(self, x, lse, grad, opts, needs) -> Grads:
         hidden, weight, bias, rows, labels = x
         n_rows = rows.shape[0]
         grads = load().backward(

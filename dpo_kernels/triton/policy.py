@@ -8,6 +8,7 @@ tuning them on a device is future work, tracked in benchmarks/NOTES.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -56,21 +57,33 @@ def _fp32_precision() -> str:
     return "ieee"
 
 
-def tiles(dtype: torch.dtype, device: torch.device) -> Tiles:
+# (interpreter, fp32 on a GPU, 16-bit on a GPU). Small interpreter tiles keep the tests fast and
+# still exercise many tiles and splits.
+_FUSED = (Tiles(16, 64, 32, 4, 1, interpreter=True, precision="ieee"),
+          Tiles(64, 128, 32, 8, 2, interpreter=False, precision="ieee"),
+          Tiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee"))
+_MATMUL = (MatmulTiles(32, 32, 32, 4, 1, interpreter=True, precision="ieee"),
+           MatmulTiles(64, 64, 32, 4, 3, interpreter=False, precision="ieee"),
+           MatmulTiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee"))
+
+
+def _pick(table, dtype: torch.dtype, device: torch.device):
+    interp, fp32, half = table
     if not compiled_on_gpu(device):
-        # Small tiles keep interpreter tests fast and still exercise many tiles and splits.
-        return Tiles(16, 64, 32, 4, 1, interpreter=True, precision="ieee")
+        return interp
     if dtype == torch.float32:
-        return Tiles(64, 128, 32, 8, 2, interpreter=False, precision=_fp32_precision())
-    return Tiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee")
+        return dataclasses.replace(fp32, precision=_fp32_precision())
+    return half
+
+
+def tiles(dtype: torch.dtype, device: torch.device) -> Tiles:
+    """Tiles of the forward and logit-grad kernels (both must use the same)."""
+    return _pick(_FUSED, dtype, device)
 
 
 def matmul_tiles(dtype: torch.dtype, device: torch.device) -> MatmulTiles:
-    if not compiled_on_gpu(device):
-        return MatmulTiles(32, 32, 32, 4, 1, interpreter=True, precision="ieee")
-    if dtype == torch.float32:
-        return MatmulTiles(64, 64, 32, 4, 3, interpreter=False, precision=_fp32_precision())
-    return MatmulTiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee")
+    """Tiles of the backward's dW / dH matmul kernel."""
+    return _pick(_MATMUL, dtype, device)
 
 
 def combine_block(device: torch.device) -> int:
