@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 import dpo_kernels as dk  # noqa: E402
+from dpo_kernels.bench.methods import naive_token_logprobs  # noqa: E402
 
 SHAPES = {"W1": (8, 256, 256, 32000), "mistral-7b": (2, 128, 4096, 32768)}
 
@@ -29,15 +30,9 @@ def _inputs(shape, dtype):
     return hidden, weight, labels
 
 
-def _naive(hidden, weight, labels):
-    logp = (hidden @ weight.T).float().log_softmax(-1)
-    tok = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (tok * (labels != -100)).sum(-1)
-
-
 METHODS = {
     "dpo_kernels": lambda h, w, y: dk.linear_logprobs(h, w, y),
-    "naive": _naive,
+    "naive": lambda h, w, y: naive_token_logprobs(h, w, y).sum(-1),  # 0 at ignored positions
 }
 
 

@@ -4,7 +4,7 @@
 ``log_softmax(h @ Wᵀ)`` on whatever device is here, and prints time, agreement and memory.
 ``dpo-kernels bench`` times dpo_kernels against every installed peer
 (``dpo_kernels.bench.suite``).
-``dpo-kernels info`` prints versions and which backends can run.
+``dpo-kernels info`` prints versions, the CPU and its vector units, and which backends can run.
 """
 
 from __future__ import annotations
@@ -17,15 +17,23 @@ import time
 
 import torch
 
-from . import __version__, cpu
-from .logprobs import _triton_unusable_reason, linear_logprobs
+from . import __version__
+from .backend import available, get
+from .bench.methods import naive_token_logprobs
+from .logprobs import linear_logprobs
+
+#: /proc/cpuinfo flags that decide the CPU backend's speed: fp32 FMA width and bf16 units.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
-def _naive_logprobs(hidden, weight, labels, ignore_index=-100):
-    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
-    valid = labels != ignore_index
-    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (tok * valid).sum(-1)
+def _cpu() -> str:
+    """The CPU model, thread count and which of CPU_FLAGS it has."""
+    from .bench.suite import cpu_info
+
+    name, flags = cpu_info()
+    isa = ("ISA flags unknown" if flags is None
+           else ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS))
+    return f"{name} ({torch.get_num_threads()} threads); {isa}"
 
 
 def _sync(device):
@@ -69,7 +77,7 @@ def demo(args) -> int:
         return out
 
     def naive():
-        out = _naive_logprobs(hidden, weight, labels)
+        out = naive_token_logprobs(hidden, weight, labels).sum(-1)  # 0 at ignored positions
         torch.autograd.grad(out.sum(), [hidden, weight])
         return out
 
@@ -80,7 +88,8 @@ def demo(args) -> int:
     print(f"full float32 logits would take {logits_bytes / 2**20:,.0f} MiB; "
           "linear_logprobs never materialises them")
     with torch.no_grad():
-        diff = (linear_logprobs(hidden, weight, labels) - _naive_logprobs(hidden, weight, labels))
+        diff = (linear_logprobs(hidden, weight, labels)
+                - naive_token_logprobs(hidden, weight, labels).sum(-1))
     print(f"max |ours - naive| per-sequence log-prob: {diff.abs().max().item():.3g}")
     for name, fn in (("dpo_kernels", ours), ("naive", naive)):
         seconds, peak = _run(fn, device, args.repeats)
@@ -100,12 +109,14 @@ def info(_args) -> int:
     except ImportError:
         print("triton: not installed")
     cuda = torch.cuda.is_available()
+    print(f"cpu: {_cpu()}")
     print(f"cuda: {torch.cuda.get_device_name(0) if cuda else 'not available'}")
-    reason = _triton_unusable_reason(torch.device("cuda" if cuda else "cpu"))
-    print(f"backend triton: {'available' if reason is None else reason}")
-    reason = cpu.unavailable_reason()
-    print(f"backend cpp: {'available' if reason is None else reason}")
-    print("backend torch: available")
+    # Each backend on its own device: triton on CUDA (if any), cpp and torch on the CPU.
+    reasons = available()
+    if cuda:
+        reasons.update({k: v for k, v in available("cpu").items() if k != "triton"})
+    for name, reason in reasons.items():
+        print(f"backend {name}: {'available' if reason is None else reason}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1: Triton kernels run interpreted on the CPU (slow; for tests)")
     return 0
@@ -113,7 +124,7 @@ def info(_args) -> int:
 
 def build(_args) -> int:
     """Build (or find in the cache) the C++ CPU backend now instead of on first use."""
-    reason = cpu.unavailable_reason()
+    reason = get("cpp").unavailable_reason(torch.device("cpu"))
     print("C++ CPU backend: " + ("ready" if reason is None else reason))
     return 0 if reason is None else 1
 

@@ -1,9 +1,19 @@
 """The benchmark harness: rows carry the schema's fields, losses agree, failures become rows."""
 
+import argparse
+import json
 import math
+import time
+from pathlib import Path
 
-from dpo_kernels.bench import run_method
+import torch
+
+from dpo_kernels.bench import run_method, suite
+from dpo_kernels.bench.methods import naive_token_logprobs
 from dpo_kernels.bench.report import markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 TINY = dict(workload="dpo_step", pairs=2, seq_len=16, hidden=32, vocab=300, dtype="float32",
             device="cpu", warmup=1, repeats=2)
@@ -20,18 +30,42 @@ def test_rows_and_losses_agree():
     assert "| dpo_kernels |" in table and "| naive |" in table
 
 
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_naive_baseline_is_the_op():
+    """The one naive baseline: float32 log-probs of the labels, 0 at ignored positions."""
+    import dpo_kernels as dk
+
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(3, 7, 16, generator=g), torch.randn(53, 16, generator=g)
+    labels = torch.randint(0, 53, (3, 7), generator=g)
+    labels[:, :2] = -100
+    for softcap in (None, 2.0):
+        got = naive_token_logprobs(h, w, labels, softcap)
+        want = dk.linear_logprobs(h.double(), w.double(), labels, reduction="none",
+                                  softcap=softcap)
+        assert got.dtype == torch.float32 and got.shape == labels.shape
+        assert torch.allclose(got.double(), want, atol=1e-5), (got - want).abs().max()
+        assert (got[:, :2] == 0).all() and (got[:, 2:] < 0).all()
+
+
 def test_failures_are_rows_not_gaps():
     unknown = run_method(dict(TINY, method="nope"))
     assert unknown["error"].startswith("not run: unknown method")
-    slow = run_method(dict(TINY, method="naive", repeats=10**7), timeout=20)
-    assert slow["error"] == "timeout after 20 s"
+    start = time.perf_counter()  # a run that cannot end in time is stopped there, and is a row
+    slow = run_method(dict(TINY, method="naive", repeats=10**7), timeout=1.5)
+    assert slow["error"] == "timeout after 2 s" and "median_ms" not in slow
+    assert slow["method"] == "naive" and slow["repeats"] == 10**7
+    assert time.perf_counter() - start < 10
     broken = run_method(dict(TINY, method="naive", dtype="no_such_dtype"))
     assert "AttributeError" in broken["error"]
 
 
 def test_cli_bench_writes_schema_rows_and_a_table(tmp_path, capsys):
-    import json
-
     from dpo_kernels.cli import main
 
     out = tmp_path / "bench"
@@ -53,15 +87,30 @@ def test_cli_bench_writes_schema_rows_and_a_table(tmp_path, capsys):
         else:
             assert r["median_ms"] > 0 and math.isfinite(r["peak_mem_mb"]), r
     assert all(r["check"] == "ok" for r in rows if r["method"] == "naive")
-    printed = capsys.readouterr().out
+    # The GEMM floor: one entry per (D, V, scored rows, dtype), measured before the methods.
+    floor = {(f["hidden"], f["vocab"], f["rows"], f["dtype"]): f for f in result["floor"]}
+    assert set(floor) == {(24, 211, 24, "float32"), (24, 211, 48, "float32")}
+    assert all(f["gflops"] > 0 and len(f["times_ms"]) >= 1 for f in floor.values())
+    # FLOPs and bytes over the scored tokens: 2 sequences per pair, a quarter of each prompt.
+    for r in rows:
+        nv = 2 * r["pairs"] * (16 - 4)
+        assert r["scored_tokens"] == nv == 3 * r["tokens"] // 4
+        assert r["flops"] == 6 * nv * 24 * 211 and r["bytes"] == 3 * 4 * 24 * (211 + nv)
+        if "median_ms" in r:
+            assert math.isclose(r["gflops"], r["flops"] / r["median_ms"] / 1e6)
+            f = floor[(24, 211, nv, "float32")]
+            assert r["gemm_gflops"] == f["gflops"]
+            assert math.isclose(r["gemm_frac"], r["gflops"] / f["gflops"])
+    out = capsys.readouterr()
+    printed = out.out
     assert "| dpo_kernels |" in printed and "results.json" in printed
+    assert "| GFLOP/s | of GEMM |" in printed and "GEMM floor 1" not in printed
+    assert "GEMM floor torch.mm [24 × 24]·[24 × 211] float32:" in out.err + printed  # the header
+    ours = next(r for r in rows if r["method"] == "dpo_kernels")
+    assert f"| {ours['gflops']:,.1f} | {ours['gemm_frac']:.0%} |" in printed
 
 
 def test_plan_presets_quick_and_softcap_rows():
-    import argparse
-
-    from dpo_kernels.bench import suite
-
     parser = argparse.ArgumentParser()
     suite.add_arguments(parser)
     specs = suite.plan(parser.parse_args(["--preset", "gemma2-2b"]), "cpu")
@@ -74,7 +123,9 @@ def test_plan_presets_quick_and_softcap_rows():
     assert {s["dtype"] for s in gpu} == {"bfloat16"} and max(s["tokens"] for s in gpu) == 16384
     assert all(2 * s["pairs"] * s["seq_len"] == s["tokens"] for s in specs + gpu)
     quick = suite.plan(parser.parse_args(["--quick"]), "cpu")
-    assert len({s["tokens"] for s in quick}) >= 2
+    assert {(s["tokens"], s["pairs"], s["seq_len"], s["hidden"], s["vocab"], s["workload"])
+            for s in quick} == {(256, 1, 128, 256, 32000, "dpo_step"),
+                                (1024, 4, 128, 256, 32000, "dpo_step")}  # as measured before
     try:
         suite.plan(parser.parse_args(["--tokens", "100", "--hidden", "8", "--vocab", "9",
                                       "--seq-len", "16"]), "cpu")
@@ -86,14 +137,68 @@ def test_plan_presets_quick_and_softcap_rows():
 
 def test_readme_benchmark_tables_are_the_committed_results():
     """Every figure of the README's bench tables comes from a results file in the repo."""
-    import json
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
-    for name in ("cpu-quick", "cpu-llama3-8b"):
-        folder = root / "benchmarks" / "results" / name
-        assert (folder / "results.png").is_file()
+    readme = (ROOT / "README.md").read_text()
+    for name in ("cpu-quick", "cpu-llama3-8b", "cpu-w1w2"):
+        folder = RESULTS / name
+        assert name == "cpu-w1w2" or (folder / "results.png").is_file()  # W1/W2: one point each
         tables = markdown(json.loads((folder / "results.json").read_text()))
         for block in tables.split("\n\n"):
             assert block.strip() in readme, (name, block[:200])
+
+
+def test_w1_w2_presets_are_the_cpu_step_shapes():
+    specs = suite.plan(_args("--preset", "W1", "--preset", "W2", "--dtype", "fp32", "bf16"), "cpu")
+    shapes = {(s["preset"], s["pairs"], s["seq_len"], s["tokens"], s["hidden"], s["vocab"])
+              for s in specs}
+    assert shapes == {("W1", 4, 256, 2048, 256, 32000), ("W2", 2, 512, 2048, 512, 128256)}
+    assert {s["workload"] for s in specs} == {"dpo_step"}
+    assert {s["softcap"] for s in specs} == {None}
+    assert [(s["preset"], s["dtype"]) for s in specs if s["method"] == "dpo_kernels"] == [
+        ("W1", "float32"), ("W1", "bfloat16"), ("W2", "float32"), ("W2", "bfloat16")]
+    assert len(specs) == 4 * len(suite.METHODS)
+    w2 = next(s for s in specs if s["preset"] == "W2" and s["dtype"] == "bfloat16")
+    assert w2["scored_tokens"] == 1536 and w2["flops"] == 8 * 1536 * 512 * 128256
+    assert w2["bytes"] == 4 * 2 * 512 * (128256 + 1536)
+    for extra in (["--tokens", "128"], ["--seq-len", "64"]):
+        try:
+            suite.plan(_args("--preset", "W1", *extra), "cpu")
+        except ValueError as e:
+            assert "--preset W1 is a fixed batch" in str(e)
+        else:
+            raise AssertionError(f"W1 has fixed tokens: {extra} must be refused")
+
+
+def test_report_renders_results_without_a_floor():
+    result = json.loads((RESULTS / "cpu-quick" / "results.json").read_text())
+    assert "floor" not in result and "flops" not in result["rows"][0]
+    table = markdown(result)
+    ours = result["rows"][0]
+    assert ours["method"] == "dpo_kernels" and ours["tokens"] == 256
+    # 192 scored tokens of 256; 8·Nv·D·V FLOPs from the row's shape; no floor: "—"
+    rate = 8 * 192 * 256 * 32000 / (ours["median_ms"] / 1e3) / 1e9
+    assert f"| dpo_kernels | {ours['median_ms']:,.1f} ms | {rate:,.1f} | — | — |" in table
+    assert "GEMM floor not measured" in table
+    assert "| GFLOP/s | of GEMM |" in table
+
+
+def test_converted_w1_w2_results_render():
+    path = RESULTS / "cpu-w1w2" / "results.json"
+    result = json.loads(path.read_text())
+    assert {"device", "torch", "triton", "dpo_kernels", "versions", "command", "date", "note",
+            "rows"} <= set(result)
+    assert "benchmarks/cpu_dpo_step.py" in result["command"] and "converted" in result["note"]
+    rows = result["rows"]
+    assert len(rows) == 24 and {r["preset"] for r in rows} == {"W1", "W2"}
+    for r in rows:
+        assert {"method", "workload", "preset", "tokens", "hidden", "vocab", "softcap", "dtype",
+                "pairs", "seq_len", "scored_tokens", "flops", "bytes"} <= set(r)
+        assert "shape" not in r and ("median_ms" in r) != ("error" in r)
+    w1 = next(r for r in rows if (r["preset"], r["dtype"], r["method"])
+              == ("W1", "float32", "dpo_kernels"))
+    assert w1["median_ms"] == 846.1704219998865 and w1["peak_mem_mb"] == 4.9765625
+    table = markdown(result)
+    assert "**W1** (dpo_step, float32; 2048 tokens, D = 256, V = 32,000; 1,536 scored" in table
+    assert "**W2** (dpo_step, bfloat16; 2048 tokens, D = 512, V = 128,256; 1,536 scored" in table
+    assert "| dpo_kernels | 846.2 ms | 119.0 | — |" in table
+    assert "| trl_chunked | timeout after 240 s (timed steps finished: 68.0 s, 65.1 s) |" in table
+

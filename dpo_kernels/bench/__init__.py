@@ -3,6 +3,7 @@
 :func:`run_method` runs one (method, workload, shape) in a fresh Python process
 (:mod:`dpo_kernels.bench.worker`) and returns its row: median time, peak memory, loss, or the error
 that stopped it (a missing peer, an exception, a timeout) — never a silently dropped row.
+:func:`measure_gemm` times the machine's logits GEMM at one shape the same way, in its own process.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import subprocess
 import sys
 import time
 
-from .methods import METHODS, WORKLOADS, unavailable_reason
+from .methods import METHODS, WORKLOADS, naive_token_logprobs, unavailable_reason
 
-__all__ = ["METHODS", "WORKLOADS", "run_method"]
+__all__ = ["METHODS", "WORKLOADS", "measure_gemm", "naive_token_logprobs", "run_method"]
 
 
 def run_method(spec: dict, timeout: float = 600.0) -> dict:
@@ -27,6 +28,17 @@ def run_method(spec: dict, timeout: float = 600.0) -> dict:
     if reason is not None:
         row["error"] = f"not run: {reason}"
         return row
+    return _in_worker(row, timeout)
+
+
+def measure_gemm(spec: dict, timeout: float = 600.0) -> dict:
+    """The GEMM floor at one shape: ``spec`` (rows, hidden, vocab, dtype, device; optional warmup,
+    repeats, budget_s) plus ``gflops``, ``median_ms`` and ``times_ms``, or ``error``."""
+    return _in_worker(dict(spec, kind="gemm"), timeout)
+
+
+def _in_worker(row: dict, timeout: float) -> dict:
+    """``row`` updated with what a fresh worker process reports for it."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # a benchmark times compiled code or none
     # Large buffers from mmap, unmapped when freed: resident size follows live memory (glibc
@@ -35,7 +47,7 @@ def run_method(spec: dict, timeout: float = 600.0) -> dict:
     start = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "dpo_kernels.bench.worker", json.dumps(spec)],
+            [sys.executable, "-m", "dpo_kernels.bench.worker", json.dumps(row)],
             capture_output=True, text=True, timeout=timeout, env=env,
         )
     except subprocess.TimeoutExpired as e:

@@ -8,11 +8,26 @@ the loss (a 0-d tensor, detached). Workloads:
 
 Peers compute per-token log-probs their own way; the sum over a sequence's valid tokens and the
 loss on top are the same plain torch for all of them, so only the LM-head part differs.
+
+Work per step (:func:`work`), the same for every method so that rates compare: with ``Nv`` scored
+(non-ignored) tokens, hidden size ``D``, vocab ``V`` and ``s`` bytes per element of the input
+dtype, a step is ``k`` passes of the ``[Nv × D]·[D × V]`` logits GEMM's size — ``k = 3`` for
+``logprobs_fwd_bwd`` (forward, backward dH, backward dW), ``k = 4`` for ``dpo_step`` (that plus the
+reference forward):
+
+    flops = 2·k·Nv·D·V            (6·Nv·D·V and 8·Nv·D·V)
+    bytes = k·s·D·(V + Nv)        (each pass reads or writes the head once and the hidden rows once)
+
+The byte count is the least memory traffic any implementation needs: the forward reads W and H,
+the backward reads W and H again (the log-sum-exp must be known before any gradient) and writes dW
+and dH, the reference forward reads its own W and H. Labels, per-token outputs and everything of
+size ``Nv`` alone are left out; recomputation, logits and fp32 gradient buffers are the methods'
+own overhead and not counted. Unused rows (prompt, padding) cost nothing in either count.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -23,6 +38,38 @@ WORKLOADS = ("logprobs_fwd_bwd", "dpo_step")
 METHODS = ("dpo_kernels", "naive", "trl_chunked", "torch_lce", "liger", "cce")
 BETA = 0.1
 IGNORE = -100
+#: Passes of the [Nv × D]·[D × V] GEMM's size per step (see the module docstring).
+GEMM_PASSES = {"logprobs_fwd_bwd": 3, "dpo_step": 4}
+
+#: The package each peer needs (None: torch itself).
+REQUIRES = {"dpo_kernels": None, "naive": None, "trl_chunked": "trl", "torch_lce": None,
+            "liger": "liger_kernel", "cce": "cut_cross_entropy"}
+#: Methods with no logit softcap (Gemma 2): their rows say so instead of timing another problem.
+NO_SOFTCAP = {"torch_lce": "F.linear_cross_entropy has no softcap",
+              "liger": "LigerFusedLinearDPOLoss has no softcap"}
+#: Methods that compute only one of the workloads.
+ONLY_WORKLOAD = {"liger": ("dpo_step", "LigerFusedLinearDPOLoss computes a DPO loss, not "
+                           "log-probs alone")}
+
+
+# ----------------------------------------------------------------------------- inputs and work
+
+
+def prompt_len(seq_len: int, prompt_frac: float = 0.25) -> int:
+    """Ignored (prompt) positions at the start of each sequence."""
+    return int(seq_len * prompt_frac)
+
+
+def scored_tokens(pairs: int, seq_len: int, prompt_frac: float = 0.25) -> int:
+    """``Nv``: the tokens a workload scores (both sequences of each pair, prompt excluded)."""
+    return 2 * pairs * (seq_len - prompt_len(seq_len, prompt_frac))
+
+
+def work(workload: str, scored: int, hidden: int, vocab: int, dtype: str) -> tuple[int, int]:
+    """(flops, bytes) of one step: useful FLOPs and least memory traffic (module docstring)."""
+    k = GEMM_PASSES[workload]
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return 2 * k * scored * hidden * vocab, k * size * hidden * (vocab + scored)
 
 
 @dataclass
@@ -48,7 +95,7 @@ def make_inputs(pairs: int, seq_len: int, hidden: int, vocab: int, dtype: torch.
     h = torch.randn(n, seq_len, hidden, generator=g)
     w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
     labels = torch.randint(0, vocab, (n, seq_len), generator=g)
-    labels[:, : int(seq_len * prompt_frac)] = IGNORE
+    labels[:, : prompt_len(seq_len, prompt_frac)] = IGNORE
     ref_h = h + 0.05 * torch.randn(h.shape, generator=g)
     ref_w = w + 0.01 * torch.randn(w.shape, generator=g) / hidden**0.5
 
@@ -59,10 +106,49 @@ def make_inputs(pairs: int, seq_len: int, hidden: int, vocab: int, dtype: torch.
                   softcap)
 
 
+# ----------------------------------------------------------------------------- the naive baseline
+
+
+def naive_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         softcap: Optional[float] = None, ignore_index: int = IGNORE
+                         ) -> torch.Tensor:
+    """Per-token log-probs the naive way (TRL <= 0.28, the DPO paper's code): ``hidden (..., D)``,
+    ``weight (V, D)``, ``labels (...)`` -> ``(...)`` float32, 0 where ``labels == ignore_index``.
+
+        logp = log_softmax(float32(hidden · Wᵀ))[label]    (logits → softcap·tanh(logits/softcap))
+
+    Materialises the full float32 logits ``(..., V)``: the baseline every fused method avoids."""
+    logits = (hidden @ weight.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = labels != ignore_index
+    tok = logits.log_softmax(dim=-1).gather(-1, torch.where(valid, labels, 0).unsqueeze(-1))
+    return torch.where(valid, tok.squeeze(-1), 0.0)
+
+
+# ----------------------------------------------------------------------------- shared step code
+
+
 def _dpo_loss(pol: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     half = pol.shape[0] // 2
     logits = (pol[:half] - ref[:half]) - (pol[half:] - ref[half:])
     return -F.logsigmoid(BETA * logits).mean()
+
+
+def _step(x: Inputs, seq_logps: Callable) -> Callable:
+    def step():
+        x.hidden.grad = x.weight.grad = None
+        pol = seq_logps(x.hidden, x.weight)
+        if x.workload == "logprobs_fwd_bwd":
+            loss = pol.sum()
+        else:
+            with torch.no_grad():
+                ref = seq_logps(x.ref_hidden, x.ref_weight)
+            loss = _dpo_loss(pol, ref)
+        loss.backward()
+        return loss.detach()
+
+    return step
 
 
 def _per_token_method(per_token: Callable) -> Callable:
@@ -84,22 +170,6 @@ def _per_token_method(per_token: Callable) -> Callable:
     return build
 
 
-def _step(x: Inputs, seq_logps: Callable) -> Callable:
-    def step():
-        x.hidden.grad = x.weight.grad = None
-        pol = seq_logps(x.hidden, x.weight)
-        if x.workload == "logprobs_fwd_bwd":
-            loss = pol.sum()
-        else:
-            with torch.no_grad():
-                ref = seq_logps(x.ref_hidden, x.ref_weight)
-            loss = _dpo_loss(pol, ref)
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
 # ----------------------------------------------------------------------------- the methods
 
 
@@ -107,14 +177,6 @@ def build_dpo_kernels(x: Inputs):
     import dpo_kernels as dk
 
     return _step(x, lambda h, w: dk.linear_logprobs(h, w, x.labels, softcap=x.softcap))
-
-
-def _naive_tok(h, w, labels, softcap):
-    logits = (h @ w.T).float()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logp = logits.log_softmax(dim=-1)
-    return logp.gather(1, labels.clamp(min=0)[:, None])[:, 0]
 
 
 def _trl_tok(h, w, labels, softcap):
@@ -163,23 +225,12 @@ def build_liger(x: Inputs):
 
 BUILDERS = {
     "dpo_kernels": build_dpo_kernels,
-    "naive": _per_token_method(_naive_tok),
+    "naive": _per_token_method(naive_token_logprobs),
     "trl_chunked": _per_token_method(_trl_tok),
     "torch_lce": _per_token_method(_torch_lce_tok),
     "liger": build_liger,
     "cce": _per_token_method(_cce_tok),
 }
-#: The package each peer needs (None: torch itself).
-REQUIRES = {"dpo_kernels": None, "naive": None, "trl_chunked": "trl", "torch_lce": None,
-            "liger": "liger_kernel", "cce": "cut_cross_entropy"}
-
-
-#: Methods with no logit softcap (Gemma 2): their rows say so instead of timing another problem.
-NO_SOFTCAP = {"torch_lce": "F.linear_cross_entropy has no softcap",
-              "liger": "LigerFusedLinearDPOLoss has no softcap"}
-#: Methods that compute only one of the workloads.
-ONLY_WORKLOAD = {"liger": ("dpo_step", "LigerFusedLinearDPOLoss computes a DPO loss, not "
-                           "log-probs alone")}
 
 
 def unavailable_reason(method: str, softcap: Optional[float] = None,

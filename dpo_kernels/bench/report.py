@@ -1,14 +1,31 @@
-"""Markdown tables from a benchmark results JSON (``python -m dpo_kernels.bench.report FILE``)."""
+"""Markdown tables from a benchmark results JSON (``python -m dpo_kernels.bench.report FILE``).
+
+Each time is followed by its rate (``GFLOP/s``: the workload's useful FLOPs over the median time,
+the same count for every method) and that rate as a fraction of the GEMM floor measured in the same
+run (``of GEMM``), "—" where the file has no floor. Files older than the counts get them from
+their rows' shapes (:func:`dpo_kernels.bench.methods.work`, the bench's default quarter of each
+sequence prompt).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from collections import defaultdict
+from typing import Optional
+
+from .methods import scored_tokens, work
+
+COLUMNS = ("method", "median time", "GFLOP/s", "of GEMM", "ours / it", "step memory", "ours / it",
+           "first-step memory", "loss")
 
 
 def _fmt(x, unit=""):
     return "—" if x is None else f"{x:,.1f}{unit}"
+
+
+def _pct(x):
+    return "—" if x is None else f"{x:.0%}"
 
 
 def _check_cell(row: dict) -> str:
@@ -17,42 +34,81 @@ def _check_cell(row: dict) -> str:
     return f"{row['check']} ({row['loss_rel_diff']:.1e})"
 
 
+def _counts(row: dict) -> Optional[tuple[int, int, int]]:
+    """(scored tokens, flops, bytes) of a row's step: its own, else from its shape."""
+    if "flops" in row:
+        return row["scored_tokens"], row["flops"], row["bytes"]
+    if "pairs" not in row or "seq_len" not in row:
+        return None
+    scored = scored_tokens(row["pairs"], row["seq_len"], row.get("prompt_frac", 0.25))
+    return (scored, *work(row["workload"], scored, row["hidden"], row["vocab"], row["dtype"]))
+
+
+def _gflops(row: dict) -> Optional[float]:
+    if "gflops" in row:
+        return row["gflops"]
+    counts = _counts(row)
+    return None if counts is None else counts[1] / (row["median_ms"] / 1e3) / 1e9
+
+
+def _floor_rate(result: dict, row: dict) -> Optional[float]:
+    counts = _counts(row)
+    for f in result.get("floor") or ():
+        if counts is not None and ((f["hidden"], f["vocab"], f["rows"], f["dtype"])
+                                   == (row["hidden"], row["vocab"], counts[0], row["dtype"])):
+            return f.get("gflops")
+    return None
+
+
+def _heading(result: dict, row: dict, shape: str) -> str:
+    cap = f", softcap {row['softcap']:g}" if row.get("softcap") else ""
+    counts, floor = _counts(row), _floor_rate(result, row)
+    per_step = "" if counts is None else (
+        f"; {counts[0]:,} scored: {counts[1] / 1e9:,.1f} GFLOP and {counts[2] / 1e6:,.1f} MB "
+        f"least traffic per step; GEMM floor "
+        + ("not measured" if floor is None else f"{floor:,.1f} GFLOP/s"))
+    return (f"**{shape}** ({row['workload']}, {row['dtype']}; {row['tokens']} tokens, "
+            f"D = {row['hidden']}, V = {row['vocab']:,}{cap}{per_step})")
+
+
 def markdown(result: dict) -> str:
-    """One table per (shape, dtype): each method's time, memory and loss, and our time and memory
-    as a fraction of each peer's (below 1: we are faster / leaner)."""
+    """One table per (shape, dtype): each method's time, rate, memory and loss, and our time and
+    memory as a fraction of each peer's (below 1: we are faster / leaner)."""
     groups = defaultdict(list)
     for row in result["rows"]:
-        name = row.get("shape") or row.get("preset") or "custom"
-        key = (name, row["tokens"], row["dtype"], row["workload"])
+        name = row.get("preset") or "custom"
+        key = (name, row["tokens"], row["hidden"], row["vocab"], row.get("softcap"), row["dtype"],
+               row["workload"])
         groups[key].append(row)
     versions = result.get("versions") or {"torch": result.get("torch")}
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "python")
     out = [f"Device: {result['device']}; {shown}; command: `{result.get('command')}`; "
            f"{result.get('date')}.", ""]
-    for (shape, _, dtype, workload), rows in groups.items():
+    if result.get("note"):
+        out += [f"Note: {result['note']}", ""]
+    for key, rows in groups.items():
         ours = next((r for r in rows if r["method"] == "dpo_kernels" and "median_ms" in r), None)
-        first = rows[0]
         checked = any("check" in r for r in rows)
-        cap = f", softcap {first['softcap']:g}" if first.get("softcap") else ""
-        out.append(f"**{shape}** ({workload}, {dtype}; {first['tokens']} tokens, "
-                   f"D = {first['hidden']}, V = {first['vocab']:,}{cap})")
+        columns = COLUMNS + (("loss vs ours",) if checked else ())
+        out.append(_heading(result, rows[0], key[0]))
         out.append("")
-        out.append("| method | median time | ours / it | step memory | ours / it | "
-                   "first-step memory | loss |" + (" loss vs ours |" if checked else ""))
-        out.append("|---|---:|---:|---:|---:|---:|---:|" + ("---|" if checked else ""))
+        out.append("| " + " | ".join(columns) + " |")
+        out.append("|---|" + "---:|" * (len(COLUMNS) - 1) + ("---|" if checked else ""))
         for r in rows:
             if "median_ms" not in r:
                 done = ", ".join(f"{t / 1e3:.1f} s" for t in r.get("finished_steps_ms", []))
                 note = r["error"] + (f" (timed steps finished: {done})" if done else "")
-                out.append(f"| {r['method']} | {note} | | | | | |" + (" |" if checked else ""))
+                out.append(f"| {r['method']} | {note} |" + " |" * (len(columns) - 2))
                 continue
             t_ratio = m_ratio = "—"
+            rate, floor = _gflops(r), _floor_rate(result, r)
             if ours is not None and r is not ours:
                 t_ratio = f"{ours['median_ms'] / r['median_ms']:.2f}"
                 if r["peak_mem_mb"] > 0:
                     m_ratio = f"{ours['peak_mem_mb'] / r['peak_mem_mb']:.2f}"
             out.append(
-                f"| {r['method']} | {_fmt(r['median_ms'], ' ms')} | {t_ratio} | "
+                f"| {r['method']} | {_fmt(r['median_ms'], ' ms')} | {_fmt(rate)} | "
+                f"{_pct(None if rate is None or floor is None else rate / floor)} | {t_ratio} | "
                 f"{_fmt(r['peak_mem_mb'], ' MB')} | {m_ratio} | "
                 f"{_fmt(r.get('first_step_mem_mb'), ' MB')} | {r['loss']:.4f} |"
                 + (f" {_check_cell(r)} |" if checked else "")

@@ -4,14 +4,23 @@ Each (method, workload, shape, dtype) runs in its own process
 (:func:`dpo_kernels.bench.run_method`): median time of the timed steps after warm-up, peak memory
 of a step (CUDA: peak allocated above what lives between steps; CPU: peak resident size above the
 same), and the loss, checked against ours. Missing or failing peers are rows with an ``error``,
-never dropped. Writes ``results.json`` (schema below) and ``results.png`` to ``--out``, and prints
-one table per shape.
+never dropped. Each row also carries the workload's useful FLOPs and least memory traffic
+(:func:`dpo_kernels.bench.methods.work`: ``6·Nv·D·V`` / ``8·Nv·D·V`` FLOPs over the ``Nv`` scored
+tokens, the same for every method), the rate achieved, and that rate as a fraction of the GEMM
+floor: before any method runs, the logits GEMM ``torch.mm [Nv × D]·[D × V]`` of each distinct
+shape and dtype is timed alone in its own process (:func:`dpo_kernels.bench.measure_gemm`).
+Writes ``results.json`` (schema below) and ``results.png`` to ``--out``, and prints one table per
+shape.
 
 Results JSON: top-level ``device``, ``torch``, ``triton``, ``dpo_kernels`` (versions; the peers'
-too under ``versions``), ``command``, ``date``, ``rows``; each row has ``method``, ``workload``,
-``tokens``, ``hidden``, ``vocab``, ``dtype`` (e.g. ``"bfloat16"``), and ``median_ms`` and
-``peak_mem_mb``, or ``error``; plus ``preset``, ``softcap``, ``pairs``, ``seq_len``,
-``times_ms``, ``first_step_mem_mb``, ``loss``, ``loss_rel_diff`` (against ours) and ``check``.
+too under ``versions``), ``command``, ``date``, ``floor`` (one entry per GEMM shape: ``hidden``,
+``vocab``, ``rows``, ``dtype``, ``gflops``, ``median_ms``, ``times_ms``, or ``error``), ``rows``;
+each row has ``method``, ``workload``, ``tokens``, ``hidden``, ``vocab``, ``dtype`` (e.g.
+``"bfloat16"``), ``scored_tokens``, ``flops``, ``bytes``, and ``median_ms``, ``peak_mem_mb`` and
+``gflops`` (``flops`` over the median time), or ``error``; plus ``preset``, ``softcap``, ``pairs``,
+``seq_len``, ``times_ms``, ``first_step_mem_mb``, ``loss``, ``loss_rel_diff`` (against ours),
+``check``, ``gemm_gflops`` (the floor at the row's shape) and ``gemm_frac`` (``gflops`` over it).
+Older files may lack ``floor`` and the counts; the report shows "—" there.
 """
 
 from __future__ import annotations
@@ -28,15 +37,21 @@ from typing import Optional
 import torch
 
 from .. import __version__
-from . import run_method
-from .methods import METHODS, WORKLOADS
+from . import measure_gemm, run_method
+from .methods import METHODS, WORKLOADS, scored_tokens, work
 
-#: Real LM heads: (hidden size D, vocab size V, final-logit softcap).
+#: Real LM heads: (hidden size D, vocab size V, final-logit softcap), tokens from TOKENS. A preset
+#: with its own ``tokens``, ``seq_len`` and ``workloads`` is a fixed batch: W1 and W2 are one DPO
+#: step on the CPU (4 pairs × 256 tokens at a small head; 2 pairs × 512 at a 128k vocab).
 PRESETS = {
     "llama3-8b": dict(hidden=4096, vocab=128256, softcap=None),
     "qwen2.5-7b": dict(hidden=3584, vocab=152064, softcap=None),
     "gemma2-2b": dict(hidden=2304, vocab=256000, softcap=30.0),
     "mistral-7b": dict(hidden=4096, vocab=32768, softcap=None),
+    "W1": dict(hidden=256, vocab=32000, softcap=None, tokens=(2048,), seq_len=256,
+               workloads=("dpo_step",)),
+    "W2": dict(hidden=512, vocab=128256, softcap=None, tokens=(2048,), seq_len=512,
+               workloads=("dpo_step",)),
 }
 #: Tokens per step (chosen + rejected, prompt included) for a preset, scaled to the device: a
 #: GPU runs real batch sizes; a 2-core CPU a few hundred tokens at the real D and V.
@@ -53,16 +68,24 @@ CHECK_RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 PEERS = ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers")
 
 
+def cpu_info() -> tuple[str, Optional[set]]:
+    """(model name, /proc/cpuinfo flags) of this machine's first CPU; flags None where unknown."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())  # the first processor's
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or "unknown CPU"
+    return name, (set(info["flags"].split()) if "flags" in info else None)
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return f"cuda: {torch.cuda.get_device_name(0)}"
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {name} ({torch.get_num_threads()} threads)"
+    return f"cpu: {cpu_info()[0]} ({torch.get_num_threads()} threads)"
 
 
 def versions() -> dict:
@@ -86,37 +109,73 @@ def _split(tokens: int, seq_len: int) -> tuple[int, int]:
 
 
 def plan(args, device: str) -> list[dict]:
-    """Every (shape, workload, dtype, method) spec this invocation runs, ours first per shape."""
+    """Every (shape, dtype, workload, method) spec this invocation runs, ours first per shape."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if kind == "cuda" else "float32")
-    workloads = args.workload or WORKLOADS
-    shapes = []  # (preset, hidden, vocab, softcap, tokens)
+    dtypes = list(dict.fromkeys(DTYPES[d] for d in args.dtype or ()))
+    dtypes = dtypes or ["bfloat16" if kind == "cuda" else "float32"]
+    seq_len = args.seq_len or SEQ_LEN[kind]
+    shapes = []  # (preset, hidden, vocab, softcap, tokens, seq_len, workloads)
     if args.quick:
         quick = QUICK[kind]
-        workloads = args.workload or quick["workloads"]
         head = PRESETS[quick["preset"]] if "preset" in quick else quick
-        shapes += [(quick.get("preset"), head["hidden"], head["vocab"], head.get("softcap"), t)
-                   for t in args.tokens or quick["tokens"]]
+        shapes += [(quick.get("preset"), head["hidden"], head["vocab"], head.get("softcap"), t,
+                    seq_len, quick["workloads"]) for t in args.tokens or quick["tokens"]]
     elif args.hidden or args.vocab:
         if not (args.hidden and args.vocab and args.tokens):
             raise ValueError("a custom shape needs --tokens, --hidden and --vocab")
-        shapes += [(None, args.hidden, args.vocab, args.softcap, t) for t in args.tokens]
+        shapes += [(None, args.hidden, args.vocab, args.softcap, t, seq_len, WORKLOADS)
+                   for t in args.tokens]
     else:
         for name in args.preset or ["llama3-8b"]:
             head = PRESETS[name]
-            shapes += [(name, head["hidden"], head["vocab"], head["softcap"], t)
-                       for t in args.tokens or TOKENS[kind]]
+            if "tokens" in head:
+                if args.tokens or args.seq_len:
+                    raise ValueError(
+                        f"--preset {name} is a fixed batch ({head['tokens'][0]} tokens in "
+                        f"sequences of {head['seq_len']}): drop --tokens/--seq-len, or give "
+                        f"--hidden {head['hidden']} --vocab {head['vocab']} for a sweep")
+                shapes += [(name, head["hidden"], head["vocab"], head["softcap"], t,
+                            head["seq_len"], head["workloads"]) for t in head["tokens"]]
+            else:
+                shapes += [(name, head["hidden"], head["vocab"], head["softcap"], t, seq_len,
+                            WORKLOADS) for t in args.tokens or TOKENS[kind]]
     specs = []
-    for preset, hidden, vocab, softcap, tokens in shapes:
-        pairs, seq_len = _split(tokens, args.seq_len or SEQ_LEN[kind])
-        for workload in workloads:
-            for method in args.methods:
-                specs.append(dict(
-                    method=method, workload=workload, preset=preset, tokens=tokens,
-                    hidden=hidden, vocab=vocab, softcap=softcap, dtype=dtype, pairs=pairs,
-                    seq_len=seq_len, device=device, warmup=args.warmup,
-                    repeats=args.repeats or (2 if args.quick else 3)))
+    for preset, hidden, vocab, softcap, tokens, seq, workloads in shapes:
+        pairs, seq = _split(tokens, seq)
+        scored = scored_tokens(pairs, seq)
+        for dtype in dtypes:
+            for workload in args.workload or workloads:
+                flops, nbytes = work(workload, scored, hidden, vocab, dtype)
+                for method in args.methods:
+                    specs.append(dict(
+                        method=method, workload=workload, preset=preset, tokens=tokens,
+                        hidden=hidden, vocab=vocab, softcap=softcap, dtype=dtype, pairs=pairs,
+                        seq_len=seq, device=device, warmup=args.warmup,
+                        repeats=args.repeats or (2 if args.quick else 3), scored_tokens=scored,
+                        flops=flops, bytes=nbytes))
     return specs
+
+
+def floor_key(row: dict) -> tuple:
+    """The GEMM floor a row (or a floor entry) belongs to."""
+    return (row["hidden"], row["vocab"], row.get("rows", row.get("scored_tokens")), row["dtype"])
+
+
+def _floor_text(f: dict) -> str:
+    shape = f"torch.mm [{f['rows']:,} × {f['hidden']:,}]·[{f['hidden']:,} × {f['vocab']:,}]"
+    got = (f"{f['gflops']:,.1f} GFLOP/s (median of {len(f['times_ms'])}, {f['median_ms']:,.1f} ms)"
+           if "gflops" in f else f["error"])
+    return f"GEMM floor {shape} {f['dtype']}: {got}"
+
+
+def _rates(row: dict, floor: Optional[dict]) -> None:
+    """Achieved GFLOP/s of a timed row, and its fraction of the GEMM floor at its shape."""
+    if "median_ms" not in row or "flops" not in row:
+        return
+    row["gflops"] = row["flops"] / (row["median_ms"] / 1e3) / 1e9
+    if floor is not None and "gflops" in floor:
+        row["gemm_gflops"] = floor["gflops"]
+        row["gemm_frac"] = row["gflops"] / floor["gflops"]
 
 
 def _check(row: dict, ours: Optional[dict]) -> None:
@@ -145,6 +204,7 @@ def run(args, argv) -> dict:
         raise SystemExit("--device cuda: no CUDA device is available here")
     specs = plan(args, device)
     timeout = args.timeout or (300.0 if device.startswith("cuda") else 120.0)
+    gemms = list(dict.fromkeys(floor_key(s) for s in specs))  # one floor per GEMM shape
     v = versions()
     result = {
         "device": device_name(device),
@@ -154,14 +214,31 @@ def run(args, argv) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "memory": ("peak allocated (CUDA) or resident (CPU) memory of a timed step above what "
                    "lives between steps"),
+        "counts": ("flops = 2·k·Nv·D·V, bytes = k·s·D·(V + Nv): Nv scored tokens, s bytes per "
+                   "element of dtype, k = 3 (logprobs_fwd_bwd) or 4 (dpo_step); floor: "
+                   "torch.mm [Nv × D]·[D × V] alone, in its own process"),
+        "floor": [],
         "rows": [],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = _progress(len(specs))
+    bar = _progress(len(gemms) + len(specs))
     say = bar.write if bar is not None else print
-    say(f"dpo-kernels bench on {result['device']}: {len(specs)} runs, each in its own process "
-        f"(timeout {timeout:.0f} s) -> {out}/")
+    say(f"dpo-kernels bench on {result['device']}: {len(gemms)} GEMM floor and {len(specs)} "
+        f"method runs, each in its own process (timeout {timeout:.0f} s) -> {out}/")
+    floors = {}
+    for hidden, vocab, rows, dtype in gemms:
+        if bar is not None:
+            bar.set_description(f"GEMM floor D={hidden} V={vocab} {dtype}")
+        got = measure_gemm(dict(rows=rows, hidden=hidden, vocab=vocab, dtype=dtype,
+                                device=device), timeout=timeout)
+        entry = dict(hidden=hidden, vocab=vocab, rows=rows, dtype=dtype)
+        entry.update({k: got[k] for k in ("gflops", "median_ms", "times_ms", "error") if k in got})
+        floors[floor_key(entry)] = entry
+        result["floor"].append(entry)
+        say(_floor_text(entry))
+        if bar is not None:
+            bar.update()
     ours = None
     for k, spec in enumerate(specs, 1):
         if bar is not None:
@@ -173,8 +250,11 @@ def run(args, argv) -> dict:
                                       ("workload", "tokens", "hidden", "vocab", "dtype")):
             ours = None  # a shape whose own dpo_kernels row was not selected
         _check(row, ours)
+        _rates(row, floors.get(floor_key(row)))
         result["rows"].append(row)
-        shown = (f"{row['median_ms']:10.1f} ms {row['peak_mem_mb']:9.1f} MB"
+        frac = f" ({row['gemm_frac']:4.0%} of GEMM)" if "gemm_frac" in row else ""
+        shown = (f"{row['median_ms']:10.1f} ms {row['gflops']:8.1f} GFLOP/s{frac} "
+                 f"{row['peak_mem_mb']:9.1f} MB"
                  + (f"  loss {row['check']}" if "check" in row else "")
                  if "median_ms" in row else row["error"])
         say(f"[{k}/{len(specs)}] {spec['workload']:16s} {spec['tokens']:6d} tok "
@@ -235,13 +315,15 @@ def plot(result: dict, path: Path) -> Optional[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--preset", action="append", choices=list(PRESETS),
-                   help="a real LM head (repeatable; default llama3-8b)")
+                   help="a real LM head, or W1/W2: one fixed CPU DPO step (repeatable; default "
+                        "llama3-8b)")
     p.add_argument("--tokens", type=int, nargs="+", help="tokens per step (a sweep)")
     p.add_argument("--hidden", type=int, help="hidden size D of a custom shape")
     p.add_argument("--vocab", type=int, help="vocab size V of a custom shape")
     p.add_argument("--softcap", type=float, help="final-logit softcap of a custom shape")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 1024 GPU, 128 CPU)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
+                   help="one or more (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--workload", action="append", choices=list(WORKLOADS),
                    help="repeatable; default both")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

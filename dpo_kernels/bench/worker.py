@@ -8,6 +8,10 @@ minus the resident size at that point is the method's peak memory per step. The 
 size follows live memory. ``first_step_mem_mb`` is the same delta over the warm-up steps, from just
 after the inputs are built: one-time costs (imports, compilation, caches, the gradients' first
 allocation) included. On CUDA the same is done with ``max_memory_allocated``.
+
+A spec with ``"kind": "gemm"`` times the GEMM floor instead (:func:`gemm`): the logits GEMM alone,
+``torch.mm`` of ``[rows × D]·[D × V]``, in its own process like the methods so that nothing else
+runs beside it.
 """
 
 from __future__ import annotations
@@ -57,6 +61,21 @@ class PeakMeter:
         return _rss_mb("VmHWM") - self.base if self.ok else float("nan")
 
 
+def _timed(fn, cuda: bool):
+    """(seconds, fn()): CUDA events on a GPU (device time, no host-side launch jitter)."""
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
 def run(spec: dict) -> dict:
     dtype = getattr(torch, spec["dtype"])
     device = spec["device"]
@@ -68,44 +87,65 @@ def run(spec: dict) -> dict:
     step = BUILDERS[spec["method"]](x)
     cuda = device.startswith("cuda")
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     warmup, repeats = spec.get("warmup", 1), spec.get("repeats", 3)
     # First step(s): imports, compilation, first-call caches and the gradients' first allocation.
     mark = PeakMeter(cuda)
     for _ in range(warmup):
         step()
-    sync()
+    if cuda:
+        torch.cuda.synchronize()
     first = mark.delta_mb()
     # Then each timed step's own peak above what lives between steps.
     mark = PeakMeter(cuda)
     times, loss = [], None
     for _ in range(repeats):
-        sync()
-        if cuda:  # device time between two events: no host-side launch jitter
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            loss = step()
-            times.append(time.perf_counter() - t0)
+        seconds, loss = _timed(step, cuda)
+        times.append(seconds)
         print(f"STEP {1e3 * times[-1]:.1f}", flush=True)  # read back if the run times out
     peak = mark.delta_mb()
     return {"median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times],
             "peak_mem_mb": peak, "first_step_mem_mb": first, "loss": float(loss)}
 
 
+def gemm(spec: dict) -> dict:
+    """The machine's GEMM rate at a workload's logits GEMM: ``torch.mm`` of ``a [rows × D]`` and
+    ``Wᵀ`` (``W (V, D)`` stored as an LM head is) into a preallocated ``[rows × V]``, in the spec's
+    dtype; ``gflops = 2·rows·D·V / median``. Up to ``warmup`` untimed and ``repeats`` timed calls,
+    each group cut short once it has used ``budget_s`` (at least one call each), so that a slow
+    dtype (bf16 on a CPU without bf16 units) costs two calls, not minutes."""
+    dtype = getattr(torch, spec["dtype"])
+    device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    rows, d, v = spec["rows"], spec["hidden"], spec["vocab"]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, d, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(v, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
+    out = torch.empty(rows, v, device=device, dtype=dtype)
+    cuda = device.startswith("cuda")
+    budget = spec.get("budget_s", 20.0)
+
+    def call():
+        return torch.mm(a, w.t(), out=out)
+
+    warm = 0.0
+    for _ in range(max(1, spec.get("warmup", 2))):
+        warm += _timed(call, cuda)[0]
+        if warm >= budget:
+            break
+    times: list[float] = []
+    while len(times) < max(1, spec.get("repeats", 5)) and sum(times) < budget:
+        times.append(_timed(call, cuda)[0])
+    med = statistics.median(times)
+    return {"median_ms": 1e3 * med, "times_ms": [1e3 * t for t in times],
+            "gflops": 2 * rows * d * v / med / 1e9}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(argv[0])
     try:
-        out = run(spec)
+        out = gemm(spec) if spec.get("kind") == "gemm" else run(spec)
     except Exception as e:  # reported as the row's error, never dropped
         out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     print("RESULT " + json.dumps(out), flush=True)
