@@ -7,12 +7,18 @@ the LM head — is always the fused kernel. Names and formulas follow TRL 1.16 (
 Liger-Kernel disagree, the docstring says which one is followed.
 
 Each loss returns per-example losses (the trainer's loss is their mean) and detached rewards.
+The loss family is data: :data:`LOSS_SPECS` holds one :class:`LossSpec` per DPO ``loss_type``
+(its function and what it requires), and each objective's scalar options live in one frozen
+dataclass (:class:`PreferenceOptions`, :class:`SimPOOptions`, :class:`CPOOptions`,
+:class:`ORPOOptions`, :class:`KTOOptions`) whose construction is the only option check, shared by
+the functions here, the modules and the TRL drop-in.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -21,15 +27,22 @@ from torch import Tensor
 
 __all__ = [
     "LOSS_TYPES",
+    "LOSS_SPECS",
     "F_DIVERGENCES",
+    "LossSpec",
+    "PreferenceOptions",
     "PreferenceLossOutput",
     "preference_loss",
     "wpo_weights",
     "mean_nll",
     "ld_logps",
+    "SimPOOptions",
     "simpo_loss",
+    "CPOOptions",
     "cpo_loss",
+    "ORPOOptions",
     "orpo_loss",
+    "KTOOptions",
     "kto_loss",
     "kto_kl",
     "CPO_LOSS_TYPES",
@@ -38,19 +51,13 @@ __all__ = [
     "KTOLossOutput",
 ]
 
-#: Every ``loss_type`` TRL 1.16's ``DPOConfig`` accepts.
+#: Every ``loss_type`` TRL 1.16's ``DPOConfig`` accepts (:data:`LOSS_SPECS` has one entry each).
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 #: f-divergence regularisers (f-DPO, arXiv 2309.16240).
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# Loss types built on the chosen − rejected score difference: the only ones an f-divergence
-# generalises (TRL rejects the others with a non-default f_divergence_type).
-_F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
-                        "discopop", "sft")
-# Loss types that need the number of completion tokens of each sequence.
-_NEEDS_NUM_TOKENS = ("ipo", "sigmoid_norm")
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -96,38 +103,19 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
-def _check_label_smoothing(loss_types: Sequence[str], eps: float) -> None:
+def _check_label_smoothing(eps: float) -> None:
     if not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
         raise ValueError(f"label_smoothing must lie in [0, 1), got {eps!r}")
-    if "robust" in loss_types and not eps < 0.5:
-        raise ValueError(
-            f"label_smoothing must lie in [0, 0.5) for loss_type='robust' (it is the probability "
-            f"that a preference label is flipped), got {eps!r}"
-        )
-    if "exo_pair" in loss_types and not eps > 0.0:
-        raise ValueError(
-            f"label_smoothing must lie in (0, 1) for loss_type='exo_pair' (log ε appears in the "
-            f"loss; the EXO paper recommends 1e-3), got {eps!r}"
-        )
 
 
-def _loss_types(loss_type: Union[str, Sequence[str]], loss_weights) -> tuple:
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    if not types:
-        raise ValueError("loss_type must name at least one loss type")
-    for t in types:
-        if t not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {t!r}; expected one of {', '.join(LOSS_TYPES)}")
-    if loss_weights is None:
-        weights = (1.0,) * len(types)
-    else:
-        weights = tuple(float(w) for w in loss_weights)
-        if len(weights) != len(types):
-            raise ValueError(
-                f"loss_weights must have one weight per loss type: got {len(weights)} weights "
-                f"for {len(types)} loss types {list(types)}"
-            )
-    return types, weights
+def _check_ld_alpha(ld_alpha: float) -> None:
+    if not 0.0 <= ld_alpha <= 1.0:
+        raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha!r}")
+
+
+def _check_loss_type(loss_type: str, known: Sequence[str], name: str = "loss_type") -> None:
+    if loss_type not in known:
+        raise ValueError(f"unknown {name} {loss_type!r}; expected one of {', '.join(known)}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -162,6 +150,10 @@ def _smoothed_sigmoid(x: Tensor, eps: float) -> Tensor:
 def _log1mexp(x: Tensor) -> Tensor:
     """log(1 − exp(x)) for x ≤ 0, accurate near 0 and for very negative x."""
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _per_token(score: Tensor, n: Tensor) -> Tensor:
+    return score / n.clamp(min=1).to(score.dtype)
 
 
 def mean_nll(logps: Tensor, num_tokens: Tensor) -> Tensor:
@@ -203,8 +195,7 @@ def ld_logps(per_token_logps: Tensor, mask: Tensor, ld_alpha: float) -> Tensor:
 
         logps = Σ_shared log p + ld_alpha · Σ_tail log p
     """
-    if not 0.0 <= ld_alpha <= 1.0:
-        raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha!r}")
+    _check_ld_alpha(ld_alpha)
     if per_token_logps.dim() != 2 or per_token_logps.shape[0] % 2:
         raise ValueError(
             "per_token_logps must be (2P, T) with the chosen half first, got shape "
@@ -223,7 +214,338 @@ def ld_logps(per_token_logps: Tensor, mask: Tensor, ld_alpha: float) -> Tensor:
     )
 
 
+def _ld_sequence_stats(per_token, ld_alpha: float):
+    """LD-DPO from one per-token pass: ``per_token`` a ``LogProbStats`` of ``(2P, T)`` tensors
+    (``num_tokens`` is 1 exactly where a token is scored). Returns the ``(2P,)`` LD log-probs and
+    the same stats summed per sequence (plain sums, for the NLL, WPO and the metrics)::
+
+        (ld_logps(logps, num_tokens > 0, ld_alpha), Σ_t stats)
+    """
+    logps = ld_logps(per_token.logps, per_token.num_tokens.bool(), ld_alpha)
+    return logps, type(per_token)(*(t.sum(dim=1) for t in per_token))
+
+
 # ----------------------------------------------------------------------------- DPO family
+
+
+class _Pair(NamedTuple):
+    """What a DPO loss type reads, for ``P`` pairs: ``(P,)`` tensors and the scalar options.
+    ``c``/``r`` are the log-ratios policy − reference, ``c_score``/``r_score`` their f-divergence
+    scores f'(·) and ``delta`` = ``c_score − r_score`` (Δ below)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    c: Tensor
+    r: Tensor
+    c_score: Tensor
+    r_score: Tensor
+    delta: Tensor
+    chosen_num_tokens: Optional[Tensor]
+    rejected_num_tokens: Optional[Tensor]
+    sft_loss: Optional[Tensor]
+    beta: float
+    label_smoothing: float
+    discopop_tau: float
+
+
+def _sigmoid(p: _Pair) -> Tensor:
+    """−(1−ε)·log σ(β·Δ) − ε·log σ(−β·Δ)   (ε = label_smoothing: conservative DPO)"""
+    return _smoothed_sigmoid(p.beta * p.delta, p.label_smoothing)
+
+
+def _hinge(p: _Pair) -> Tensor:
+    """relu(1 − β·Δ)"""
+    return torch.relu(1 - p.beta * p.delta)
+
+
+def _ipo(p: _Pair) -> Tensor:
+    """(f'(c)/n_c − f'(r)/n_r − 1/(2β))²   (per-token scores: TRL's length normalisation)"""
+    d = (_per_token(p.c_score, p.chosen_num_tokens)
+         - _per_token(p.r_score, p.rejected_num_tokens))
+    return (d - 1 / (2 * p.beta)) ** 2
+
+
+def _exo_pair(p: _Pair) -> Tensor:
+    """σ(x)·(log σ(x) − log(1−ε)) + σ(−x)·(log σ(−x) − log ε), x = β·Δ: KL to [1−ε, ε] (EXO)"""
+    x, eps = p.beta * p.delta, p.label_smoothing
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+
+
+def _nca_pair(p: _Pair) -> Tensor:
+    """−log σ(β·c) − ½·log σ(−β·c) − ½·log σ(−β·r)"""
+    return (-F.logsigmoid(p.beta * p.c) - 0.5 * F.logsigmoid(-p.beta * p.c)
+            - 0.5 * F.logsigmoid(-p.beta * p.r))
+
+
+def _robust(p: _Pair) -> Tensor:
+    """(−(1−ε)·log σ(β·Δ) + ε·log σ(−β·Δ)) / (1 − 2ε)   (unbiased under label-flip rate ε: rDPO)"""
+    x, eps = p.beta * p.delta, p.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+
+
+def _bco_pair(p: _Pair) -> Tensor:
+    """−log σ(β·c) − log σ(−β·r)"""
+    return -F.logsigmoid(p.beta * p.c) - F.logsigmoid(-p.beta * p.r)
+
+
+def _sppo_hard(p: _Pair) -> Tensor:
+    """(c − 1/(2β))² + (r + 1/(2β))²"""
+    return (p.c - 0.5 / p.beta) ** 2 + (p.r + 0.5 / p.beta) ** 2
+
+
+def _aot(p: _Pair) -> Tensor:
+    """sigmoid loss of β·(sort(chosen − rejected) − sort(ref_chosen − ref_rejected)), over P"""
+    pol = torch.sort(p.chosen - p.rejected).values
+    ref = torch.sort(p.ref_chosen - p.ref_rejected).values
+    return _smoothed_sigmoid(p.beta * (pol - ref), p.label_smoothing)
+
+
+def _aot_unpaired(p: _Pair) -> Tensor:
+    """sigmoid loss of β·(sort(c) − sort(r)), sorted over the batch"""
+    x = p.beta * (torch.sort(p.c).values - torch.sort(p.r).values)
+    return _smoothed_sigmoid(x, p.label_smoothing)
+
+
+def _apo_zero(p: _Pair) -> Tensor:
+    """1 − σ(β·c) + σ(β·r)"""
+    return 1 - torch.sigmoid(p.beta * p.c) + torch.sigmoid(p.beta * p.r)
+
+
+def _apo_down(p: _Pair) -> Tensor:
+    """σ(β·c) + 1 − σ(β·(c − r))"""
+    return torch.sigmoid(p.beta * p.c) + 1 - torch.sigmoid(p.beta * (p.c - p.r))
+
+
+def _discopop(p: _Pair) -> Tensor:
+    """−log σ(x)·(1 − m) + e^(−x)·m with x = β·Δ, m = σ(x/τ): logistic/exponential blend"""
+    x = p.beta * p.delta
+    mix = torch.sigmoid(x / p.discopop_tau)
+    return -F.logsigmoid(x) * (1 - mix) + torch.exp(-x) * mix
+
+
+def _sft(p: _Pair) -> Tensor:
+    """mean NLL of the chosen tokens (sft_loss, else −Σ chosen / Σ n_c), the same for every pair"""
+    nll = p.sft_loss if p.sft_loss is not None else mean_nll(p.chosen, p.chosen_num_tokens)
+    return nll.expand(p.chosen.shape)
+
+
+def _sigmoid_norm(p: _Pair) -> Tensor:
+    """−log σ(β·(f'(c)/n_c − f'(r)/n_r))   (the sigmoid loss on per-token scores)"""
+    d = (_per_token(p.c_score, p.chosen_num_tokens)
+         - _per_token(p.r_score, p.rejected_num_tokens))
+    return -F.logsigmoid(p.beta * d)
+
+
+class _Range(NamedTuple):
+    """A stricter range of ``label_smoothing`` than [0, 1): as written, its test, and why."""
+
+    text: str
+    ok: Callable[[float], bool]
+    why: str
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One DPO ``loss_type``: its per-pair loss and what it needs of the options and inputs.
+
+    ``fn`` maps the pair terms to ``losses (P,)``. ``needs_reference``: uses reference log-probs
+    (else 0 may stand in for them). ``needs_num_tokens``: length-normalised, needs both token
+    counts; ``needs_chosen_nll``: needs ``sft_loss`` or ``chosen_num_tokens``.
+    ``f_divergence_ok``: built on Δ = f'(c) − f'(r), so an f-divergence generalises it.
+    ``smoothing``: a stricter range for ``label_smoothing``; ``uses_discopop_tau``: τ must be
+    > 0. ``trl_overrides``: ``(option, value)`` pairs TRL 1.16 uses for this type whatever the
+    config says, applied with ``PreferenceOptions(trl=True)``.
+    """
+
+    fn: Callable[[_Pair], Tensor]
+    needs_reference: bool = True
+    needs_num_tokens: bool = False
+    needs_chosen_nll: bool = False
+    f_divergence_ok: bool = False
+    smoothing: Optional[_Range] = None
+    uses_discopop_tau: bool = False
+    trl_overrides: tuple[tuple[str, float], ...] = ()
+
+
+#: The DPO loss family: one :class:`LossSpec` per name in :data:`LOSS_TYPES`, same order.
+LOSS_SPECS: dict[str, LossSpec] = {
+    # TRL 1.16 ignores label_smoothing here (it smooths robust, exo_pair and aot*); we apply it.
+    "sigmoid": LossSpec(_sigmoid, f_divergence_ok=True, trl_overrides=(("label_smoothing", 0.0),)),
+    "hinge": LossSpec(_hinge, f_divergence_ok=True),
+    "ipo": LossSpec(_ipo, needs_num_tokens=True, f_divergence_ok=True),
+    "exo_pair": LossSpec(_exo_pair, f_divergence_ok=True, smoothing=_Range(
+        "(0, 1)", lambda eps: eps > 0.0,
+        "log ε appears in the loss; the EXO paper recommends 1e-3")),
+    "nca_pair": LossSpec(_nca_pair),
+    "robust": LossSpec(_robust, f_divergence_ok=True, smoothing=_Range(
+        "[0, 0.5)", lambda eps: eps < 0.5,
+        "it is the probability that a preference label is flipped")),
+    "bco_pair": LossSpec(_bco_pair),
+    "sppo_hard": LossSpec(_sppo_hard),
+    "aot": LossSpec(_aot),
+    "aot_unpaired": LossSpec(_aot_unpaired),
+    "apo_zero": LossSpec(_apo_zero),
+    "apo_down": LossSpec(_apo_down),
+    "discopop": LossSpec(_discopop, f_divergence_ok=True, uses_discopop_tau=True),
+    "sft": LossSpec(_sft, needs_reference=False, needs_chosen_nll=True, f_divergence_ok=True),
+    "sigmoid_norm": LossSpec(_sigmoid_norm, needs_num_tokens=True, f_divergence_ok=True),
+}
+
+
+@dataclass(frozen=True)
+class PreferenceOptions:
+    """The scalar options of :func:`preference_loss`; constructing one checks them all.
+
+    ``loss_type``: a name in :data:`LOSS_TYPES` or several (kept as a tuple; MPO), combined as
+    ``Σ_k loss_weights[k] · loss_k``; ``loss_weights`` is a tuple of one weight per type (None:
+    all 1). ``trl=True`` follows TRL 1.16's quirks (each type's ``LossSpec.trl_overrides``, e.g.
+    no label smoothing for ``sigmoid``), for the TRL drop-in.
+    """
+
+    loss_type: Union[str, tuple[str, ...]] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_weights: Optional[tuple[float, ...]] = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    trl: bool = False
+
+    def __post_init__(self):
+        # Normalise lists to tuples (frozen: hashable, and nobody can edit them afterwards).
+        if not isinstance(self.loss_type, str):
+            object.__setattr__(self, "loss_type", tuple(self.loss_type))
+        types = self.loss_types
+        if not types:
+            raise ValueError("loss_type must name at least one loss type")
+        for t in types:
+            _check_loss_type(t, LOSS_TYPES)
+        if self.loss_weights is None:
+            weights = (1.0,) * len(types)
+        else:
+            weights = tuple(float(w) for w in self.loss_weights)
+            if len(weights) != len(types):
+                raise ValueError(
+                    f"loss_weights must have one weight per loss type: got {len(weights)} weights "
+                    f"for {len(types)} loss types {list(types)}"
+                )
+        object.__setattr__(self, "loss_weights", weights)
+        _check_beta(self.beta)
+        eps = self.label_smoothing
+        _check_label_smoothing(eps)
+        specs = [(t, LOSS_SPECS[t]) for t in types]
+        for t, spec in specs:
+            if spec.smoothing is not None and not spec.smoothing.ok(eps):
+                raise ValueError(
+                    f"label_smoothing must lie in {spec.smoothing.text} for loss_type={t!r} "
+                    f"({spec.smoothing.why}), got {eps!r}"
+                )
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(
+                f"unknown f_divergence_type {self.f_divergence_type!r}; expected one of "
+                f"{', '.join(F_DIVERGENCES)}"
+            )
+        if self.f_divergence_type != "reverse_kl":
+            bad = [t for t, spec in specs if not spec.f_divergence_ok]
+            if bad:
+                ok = [t for t, spec in LOSS_SPECS.items() if spec.f_divergence_ok]
+                raise ValueError(
+                    f"f_divergence_type={self.f_divergence_type!r} has no generalisation for "
+                    f"loss_type {bad}; it applies to {', '.join(ok)}"
+                )
+        if any(spec.uses_discopop_tau for _, spec in specs) and not self.discopop_tau > 0:
+            raise ValueError(f"discopop_tau must be > 0, got {self.discopop_tau!r}")
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        """``loss_type`` as a tuple of names."""
+        return (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
+
+
+def _preference_loss(
+    options: PreferenceOptions,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+    *,
+    reference_free: bool = False,
+    chosen_num_tokens: Optional[Tensor] = None,
+    rejected_num_tokens: Optional[Tensor] = None,
+    sft_loss: Optional[Tensor] = None,
+    use_weighting: bool = False,
+    chosen_log_sum_sq_probs: Optional[Tensor] = None,
+    rejected_log_sum_sq_probs: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+) -> PreferenceLossOutput:
+    """:func:`preference_loss` with its scalar options already checked in ``options``: every
+    type of ``options.loss_types`` from :data:`LOSS_SPECS` in one call (shapes as there)::
+
+        losses = Σ_k loss_weights[k] · w · LOSS_SPECS[type_k].fn(pair)   (w: WPO weights or 1)
+    """
+    _check_pair("chosen_logps", chosen_logps, "rejected_logps", rejected_logps)
+    specs = [(t, LOSS_SPECS[t]) for t in options.loss_types]
+    if reference_free:
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("reference_free=True takes no ref_chosen_logps/ref_rejected_logps")
+        ref_chosen_logps = torch.zeros_like(chosen_logps)
+        ref_rejected_logps = torch.zeros_like(rejected_logps)
+    elif ref_chosen_logps is None or ref_rejected_logps is None:
+        if any(spec.needs_reference for _, spec in specs):
+            raise ValueError(
+                "pass ref_chosen_logps and ref_rejected_logps (the reference model's log-probs), "
+                "or reference_free=True to use 0 for both"
+            )
+        ref_chosen_logps = torch.zeros_like(chosen_logps)
+        ref_rejected_logps = torch.zeros_like(rejected_logps)
+    _check_same("ref_chosen_logps", ref_chosen_logps, chosen_logps)
+    _check_same("ref_rejected_logps", ref_rejected_logps, chosen_logps)
+    for name, t in (("chosen_num_tokens", chosen_num_tokens),
+                    ("rejected_num_tokens", rejected_num_tokens),
+                    ("chosen_log_sum_sq_probs", chosen_log_sum_sq_probs),
+                    ("rejected_log_sum_sq_probs", rejected_log_sum_sq_probs),
+                    ("weights", weights)):
+        _check_same(name, t, chosen_logps)
+    have_counts = chosen_num_tokens is not None and rejected_num_tokens is not None
+    need_counts = [t for t, spec in specs if spec.needs_num_tokens]
+    if need_counts and not have_counts:
+        raise ValueError(
+            f"loss_type {need_counts} is length-normalised: pass chosen_num_tokens and "
+            "rejected_num_tokens (completion tokens per sequence)"
+        )
+    for t, spec in specs:
+        if spec.needs_chosen_nll and sft_loss is None and chosen_num_tokens is None:
+            raise ValueError(f"loss_type {t!r} needs sft_loss or chosen_num_tokens")
+    if use_weighting:
+        if weights is not None:
+            raise ValueError("pass either use_weighting=True or weights, not both")
+        if not have_counts or chosen_log_sum_sq_probs is None or rejected_log_sum_sq_probs is None:
+            raise ValueError(
+                "use_weighting=True (WPO) needs chosen_num_tokens, rejected_num_tokens, "
+                "chosen_log_sum_sq_probs and rejected_log_sum_sq_probs"
+            )
+        weights = wpo_weights(chosen_logps, rejected_logps, chosen_log_sum_sq_probs,
+                              rejected_log_sum_sq_probs, chosen_num_tokens, rejected_num_tokens)
+
+    beta = options.beta
+    c = chosen_logps - ref_chosen_logps
+    r = rejected_logps - ref_rejected_logps
+    c_score = _f_divergence_scores(c, options.f_divergence_type, options.f_alpha_divergence_coef)
+    r_score = _f_divergence_scores(r, options.f_divergence_type, options.f_alpha_divergence_coef)
+    pair = _Pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c, r,
+                 c_score, r_score, c_score - r_score, chosen_num_tokens, rejected_num_tokens,
+                 sft_loss, beta, float(options.label_smoothing), options.discopop_tau)
+    total = None
+    for (_, spec), w in zip(specs, options.loss_weights):
+        quirks = options.trl and spec.trl_overrides
+        loss = spec.fn(pair._replace(**dict(spec.trl_overrides)) if quirks else pair)
+        if weights is not None:
+            loss = loss * weights
+        total = loss * w if total is None else total + loss * w
+    return PreferenceLossOutput(total, (beta * c).detach(), (beta * r).detach())
 
 
 def preference_loss(
@@ -256,8 +578,10 @@ def preference_loss(
 
         loss = −(1−ε)·log σ(β·Δ) − ε·log σ(−β·Δ)      (ε = label_smoothing: conservative DPO)
 
-    and the other ``loss_type`` values follow TRL (see ``LOSS_TYPES`` and the README table). A
-    list of loss types is combined as ``Σ_k loss_weights[k] · loss_k`` (MPO). Needs:
+    and the other ``loss_type`` values follow TRL (see :data:`LOSS_SPECS`, one function with its
+    formula per type, and the README table). A list of loss types is combined as
+    ``Σ_k loss_weights[k] · loss_k`` (MPO). The scalar options are checked by
+    :class:`PreferenceOptions`. Needs:
 
     - ``ref_*_logps``, or ``reference_free=True`` (reference log-probs taken as 0);
     - ``chosen_num_tokens``/``rejected_num_tokens`` for ``ipo`` and ``sigmoid_norm`` (TRL
@@ -272,128 +596,44 @@ def preference_loss(
     and ``sft`` (a batch mean) a pair's loss depends on the other pairs; the mean is what TRL
     uses.
     """
-    _check_pair("chosen_logps", chosen_logps, "rejected_logps", rejected_logps)
-    types, lweights = _loss_types(loss_type, loss_weights)
-    _check_beta(beta)
-    _check_label_smoothing(types, label_smoothing)
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(
-            f"unknown f_divergence_type {f_divergence_type!r}; expected one of "
-            f"{', '.join(F_DIVERGENCES)}"
-        )
-    if f_divergence_type != "reverse_kl":
-        bad = [t for t in types if t not in _F_DIVERGENCE_LOSSES]
-        if bad:
-            raise ValueError(
-                f"f_divergence_type={f_divergence_type!r} has no generalisation for loss_type "
-                f"{bad}; it applies to {', '.join(_F_DIVERGENCE_LOSSES)}"
-            )
-    if "discopop" in types and not discopop_tau > 0:
-        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau!r}")
-
-    if reference_free:
-        if ref_chosen_logps is not None or ref_rejected_logps is not None:
-            raise ValueError("reference_free=True takes no ref_chosen_logps/ref_rejected_logps")
-        ref_chosen_logps = torch.zeros_like(chosen_logps)
-        ref_rejected_logps = torch.zeros_like(rejected_logps)
-    elif ref_chosen_logps is None or ref_rejected_logps is None:
-        if any(t != "sft" for t in types):
-            raise ValueError(
-                "pass ref_chosen_logps and ref_rejected_logps (the reference model's log-probs), "
-                "or reference_free=True to use 0 for both"
-            )
-        ref_chosen_logps = torch.zeros_like(chosen_logps)
-        ref_rejected_logps = torch.zeros_like(rejected_logps)
-    _check_same("ref_chosen_logps", ref_chosen_logps, chosen_logps)
-    _check_same("ref_rejected_logps", ref_rejected_logps, chosen_logps)
-    for name, t in (("chosen_num_tokens", chosen_num_tokens),
-                    ("rejected_num_tokens", rejected_num_tokens),
-                    ("chosen_log_sum_sq_probs", chosen_log_sum_sq_probs),
-                    ("rejected_log_sum_sq_probs", rejected_log_sum_sq_probs),
-                    ("weights", weights)):
-        _check_same(name, t, chosen_logps)
-    have_counts = chosen_num_tokens is not None and rejected_num_tokens is not None
-    need_counts = [t for t in types if t in _NEEDS_NUM_TOKENS]
-    if need_counts and not have_counts:
-        raise ValueError(
-            f"loss_type {need_counts} is length-normalised: pass chosen_num_tokens and "
-            "rejected_num_tokens (completion tokens per sequence)"
-        )
-    if "sft" in types and sft_loss is None and chosen_num_tokens is None:
-        raise ValueError("loss_type 'sft' needs sft_loss or chosen_num_tokens")
-    if use_weighting:
-        if weights is not None:
-            raise ValueError("pass either use_weighting=True or weights, not both")
-        if not have_counts or chosen_log_sum_sq_probs is None or rejected_log_sum_sq_probs is None:
-            raise ValueError(
-                "use_weighting=True (WPO) needs chosen_num_tokens, rejected_num_tokens, "
-                "chosen_log_sum_sq_probs and rejected_log_sum_sq_probs"
-            )
-        weights = wpo_weights(chosen_logps, rejected_logps, chosen_log_sum_sq_probs,
-                              rejected_log_sum_sq_probs, chosen_num_tokens, rejected_num_tokens)
-
-    c = chosen_logps - ref_chosen_logps
-    r = rejected_logps - ref_rejected_logps
-    c_score = _f_divergence_scores(c, f_divergence_type, f_alpha_divergence_coef)
-    r_score = _f_divergence_scores(r, f_divergence_type, f_alpha_divergence_coef)
-    delta = c_score - r_score
-    eps = float(label_smoothing)
-
-    def per_token(score, n):
-        return score / n.clamp(min=1).to(score.dtype)
-
-    total = None
-    for kind, w in zip(types, lweights):
-        if kind == "sigmoid":
-            loss = _smoothed_sigmoid(beta * delta, eps)
-        elif kind == "hinge":
-            loss = torch.relu(1 - beta * delta)
-        elif kind == "ipo":  # squared loss on per-token scores (TRL's length normalisation)
-            d = per_token(c_score, chosen_num_tokens) - per_token(r_score, rejected_num_tokens)
-            loss = (d - 1 / (2 * beta)) ** 2
-        elif kind == "exo_pair":  # KL(p_θ ‖ [1−ε, ε]) over {chosen, rejected}, EXO Eq. 16
-            x = beta * delta
-            loss = (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
-                    + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
-        elif kind == "nca_pair":
-            loss = (-F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c)
-                    - 0.5 * F.logsigmoid(-beta * r))
-        elif kind == "robust":  # unbiased under a label-flip rate ε (rDPO)
-            loss = (-(1 - eps) * F.logsigmoid(beta * delta)
-                    + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
-        elif kind == "bco_pair":
-            loss = -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r)
-        elif kind == "sppo_hard":
-            loss = (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
-        elif kind == "aot":  # sorted policy vs sorted reference log-ratio gaps
-            pol = torch.sort(chosen_logps - rejected_logps).values
-            ref = torch.sort(ref_chosen_logps - ref_rejected_logps).values
-            loss = _smoothed_sigmoid(beta * (pol - ref), eps)
-        elif kind == "aot_unpaired":
-            loss = _smoothed_sigmoid(beta * (torch.sort(c).values - torch.sort(r).values), eps)
-        elif kind == "apo_zero":
-            loss = 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r)
-        elif kind == "apo_down":
-            loss = torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * (c - r))
-        elif kind == "discopop":  # log-ratio modulated blend of logistic and exponential losses
-            x = beta * delta
-            mix = torch.sigmoid(x / discopop_tau)
-            loss = -F.logsigmoid(x) * (1 - mix) + torch.exp(-x) * mix
-        elif kind == "sft":
-            nll = sft_loss
-            if nll is None:
-                nll = mean_nll(chosen_logps, chosen_num_tokens)
-            loss = nll.expand(chosen_logps.shape)
-        else:  # sigmoid_norm: sigmoid loss on per-token scores
-            d = per_token(c_score, chosen_num_tokens) - per_token(r_score, rejected_num_tokens)
-            loss = -F.logsigmoid(beta * d)
-        if weights is not None:
-            loss = loss * weights
-        total = loss * w if total is None else total + loss * w
-    return PreferenceLossOutput(total, (beta * c).detach(), (beta * r).detach())
+    options = PreferenceOptions(
+        loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+        loss_weights=loss_weights, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
+    return _preference_loss(
+        options, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        reference_free=reference_free, chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens, sft_loss=sft_loss, use_weighting=use_weighting,
+        chosen_log_sum_sq_probs=chosen_log_sum_sq_probs,
+        rejected_log_sum_sq_probs=rejected_log_sum_sq_probs, weights=weights)
 
 
-# ----------------------------------------------------------------------------- other objectives
+# ----------------------------------------------------------------------------- SimPO
+
+
+@dataclass(frozen=True)
+class SimPOOptions:
+    """The options of :func:`simpo_loss`; constructing one checks them."""
+
+    beta: float = 0.1
+    gamma: float = 0.5
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        _check_beta(self.beta)
+        _check_label_smoothing(self.label_smoothing)
+
+
+def _simpo_loss(options: SimPOOptions, chosen_avg_logps: Tensor,
+                rejected_avg_logps: Tensor) -> PreferenceLossOutput:
+    _check_pair("chosen_avg_logps", chosen_avg_logps, "rejected_avg_logps", rejected_avg_logps)
+    beta = options.beta
+    x = beta * (chosen_avg_logps - rejected_avg_logps) - options.gamma
+    return PreferenceLossOutput(
+        _smoothed_sigmoid(x, options.label_smoothing),
+        (beta * chosen_avg_logps).detach(),
+        (beta * rejected_avg_logps).detach(),
+    )
 
 
 def simpo_loss(
@@ -411,18 +651,61 @@ def simpo_loss(
     Rewards are ``β·c̄`` and ``β·r̄`` (detached). Note Liger's ``gamma`` is the margin itself; TRL's
     CPO ``simpo_gamma`` is the same margin (it subtracts ``simpo_gamma/β`` before scaling by β).
     """
-    _check_pair("chosen_avg_logps", chosen_avg_logps, "rejected_avg_logps", rejected_avg_logps)
-    _check_beta(beta)
-    _check_label_smoothing((), label_smoothing)
-    x = beta * (chosen_avg_logps - rejected_avg_logps) - gamma
-    return PreferenceLossOutput(
-        _smoothed_sigmoid(x, label_smoothing),
-        (beta * chosen_avg_logps).detach(),
-        (beta * rejected_avg_logps).detach(),
-    )
+    options = SimPOOptions(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+    return _simpo_loss(options, chosen_avg_logps, rejected_avg_logps)
 
 
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+# ----------------------------------------------------------------------------- CPO
+
+
+def _cpo_sigmoid(d: Tensor, o: CPOOptions) -> Tensor:
+    """−(1−ε)·log σ(β·d) − ε·log σ(−β·d)"""
+    return _smoothed_sigmoid(o.beta * d, o.label_smoothing)
+
+
+def _cpo_hinge(d: Tensor, o: CPOOptions) -> Tensor:
+    """relu(1 − β·d)"""
+    return torch.relu(1 - o.beta * d)
+
+
+def _cpo_ipo(d: Tensor, o: CPOOptions) -> Tensor:
+    """(d − 1/(2β))²"""
+    return (d - 1 / (2 * o.beta)) ** 2
+
+
+def _cpo_simpo(d: Tensor, o: CPOOptions) -> Tensor:
+    """−(1−ε)·log σ(β·d − γ) − ε·log σ(−β·d + γ), γ = simpo_gamma (CPO-SimPO)"""
+    return _smoothed_sigmoid(o.beta * d - o.simpo_gamma, o.label_smoothing)
+
+
+# CPO's loss types on d = chosen − rejected (policy only), as TRL's CPOTrainer.cpo_loss.
+_CPO_LOSSES: dict[str, Callable[[Tensor, CPOOptions], Tensor]] = {
+    "sigmoid": _cpo_sigmoid, "hinge": _cpo_hinge, "ipo": _cpo_ipo, "simpo": _cpo_simpo,
+}
+CPO_LOSS_TYPES = tuple(_CPO_LOSSES)
+
+
+@dataclass(frozen=True)
+class CPOOptions:
+    """The options of :func:`cpo_loss`; constructing one checks them."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"
+    simpo_gamma: float = 0.5
+
+    def __post_init__(self):
+        _check_loss_type(self.loss_type, CPO_LOSS_TYPES, "CPO loss_type")
+        _check_beta(self.beta)
+        _check_label_smoothing(self.label_smoothing)
+
+
+def _cpo_loss(options: CPOOptions, chosen_logps: Tensor,
+              rejected_logps: Tensor) -> PreferenceLossOutput:
+    _check_pair("chosen_logps", chosen_logps, "rejected_logps", rejected_logps)
+    losses = _CPO_LOSSES[options.loss_type](chosen_logps - rejected_logps, options)
+    return PreferenceLossOutput(losses, (options.beta * chosen_logps).detach(),
+                                (options.beta * rejected_logps).detach())
 
 
 def cpo_loss(
@@ -441,24 +724,12 @@ def cpo_loss(
     ``ipo``: (d − 1/(2β))²; ``simpo`` (CPO-SimPO): the sigmoid loss on ``β·d − simpo_gamma``.
     The full CPO loss adds ``alpha ·`` NLL of the chosen completion (see the module).
     """
-    _check_pair("chosen_logps", chosen_logps, "rejected_logps", rejected_logps)
-    if loss_type not in CPO_LOSS_TYPES:
-        raise ValueError(
-            f"unknown CPO loss_type {loss_type!r}; expected one of {', '.join(CPO_LOSS_TYPES)}"
-        )
-    _check_beta(beta)
-    _check_label_smoothing((), label_smoothing)
-    d = chosen_logps - rejected_logps
-    if loss_type == "sigmoid":
-        losses = _smoothed_sigmoid(beta * d, label_smoothing)
-    elif loss_type == "simpo":
-        losses = _smoothed_sigmoid(beta * d - simpo_gamma, label_smoothing)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * d)
-    else:
-        losses = (d - 1 / (2 * beta)) ** 2
-    return PreferenceLossOutput(losses, (beta * chosen_logps).detach(),
-                                (beta * rejected_logps).detach())
+    options = CPOOptions(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
+                         simpo_gamma=simpo_gamma)
+    return _cpo_loss(options, chosen_logps, rejected_logps)
+
+
+# ----------------------------------------------------------------------------- ORPO
 
 
 class ORPOLossOutput(NamedTuple):
@@ -473,17 +744,20 @@ class ORPOLossOutput(NamedTuple):
     log_odds_chosen: Tensor
 
 
-def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1) -> ORPOLossOutput:
-    """ORPO (arXiv 2403.07691) odds-ratio term on average log-probs ``(P,)``.
+@dataclass(frozen=True)
+class ORPOOptions:
+    """The options of :func:`orpo_loss`; constructing one checks them."""
 
-        log-odds = (c̄ − r̄) − (log(1 − e^c̄) − log(1 − e^r̄));   loss = −β·log σ(log-odds)
+    beta: float = 0.1
 
-    ``log(1 − e^x)`` is evaluated stably (as TRL's ``log1mexp``; Liger uses ``log1p(−e^x)``, which
-    loses precision when an average log-prob is close to 0). The full ORPO loss adds the NLL of the
-    chosen completion (see the module).
-    """
+    def __post_init__(self):
+        _check_beta(self.beta)
+
+
+def _orpo_loss(options: ORPOOptions, chosen_logps: Tensor, rejected_logps: Tensor
+               ) -> ORPOLossOutput:
     _check_pair("chosen_logps", chosen_logps, "rejected_logps", rejected_logps)
-    _check_beta(beta)
+    beta = options.beta
     log_odds = (chosen_logps - rejected_logps) - (_log1mexp(chosen_logps)
                                                   - _log1mexp(rejected_logps))
     ratio = F.logsigmoid(log_odds)
@@ -496,7 +770,19 @@ def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1
     )
 
 
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1) -> ORPOLossOutput:
+    """ORPO (arXiv 2403.07691) odds-ratio term on average log-probs ``(P,)``.
+
+        log-odds = (c̄ − r̄) − (log(1 − e^c̄) − log(1 − e^r̄));   loss = −β·log σ(log-odds)
+
+    ``log(1 − e^x)`` is evaluated stably (as TRL's ``log1mexp``; Liger uses ``log1p(−e^x)``, which
+    loses precision when an average log-prob is close to 0). The full ORPO loss adds the NLL of the
+    chosen completion (see the module).
+    """
+    return _orpo_loss(ORPOOptions(beta=beta), chosen_logps, rejected_logps)
+
+
+# ----------------------------------------------------------------------------- KTO
 
 
 class KTOLossOutput(NamedTuple):
@@ -508,11 +794,61 @@ class KTOLossOutput(NamedTuple):
     kl: Tensor
 
 
+def _kto(x: Tensor, z: Tensor, desirable: Tensor, beta: float) -> Tensor:
+    """desirable: 1 − σ(β·(x − z)); undesirable: 1 − σ(β·(z − x))"""
+    return torch.where(desirable, 1 - torch.sigmoid(beta * (x - z)),
+                       1 - torch.sigmoid(beta * (z - x)))
+
+
+def _apo_zero_unpaired(x: Tensor, z: Tensor, desirable: Tensor, beta: float) -> Tensor:
+    """desirable: 1 − σ(β·x); undesirable: σ(β·x)   (no KL term)"""
+    return torch.where(desirable, 1 - torch.sigmoid(beta * x), torch.sigmoid(beta * x))
+
+
+# KTO's loss types on x = policy − reference log-probs and the KL estimate z, as TRL's KTOTrainer.
+_KTO_LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, float], Tensor]] = {
+    "kto": _kto, "apo_zero_unpaired": _apo_zero_unpaired,
+}
+KTO_LOSS_TYPES = tuple(_KTO_LOSSES)
+
+
+@dataclass(frozen=True)
+class KTOOptions:
+    """The options of :func:`kto_loss`; constructing one checks them."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    loss_type: str = "kto"
+
+    def __post_init__(self):
+        _check_loss_type(self.loss_type, KTO_LOSS_TYPES, "KTO loss_type")
+        _check_beta(self.beta)
+
+
 def kto_kl(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     """KTO's KL estimate (TRL): mean of policy − reference log-probs of mismatched completions
     (each prompt with another example's completion), detached and clamped at 0."""
     _check_pair("policy_kl_logps", policy_kl_logps, "ref_kl_logps", ref_kl_logps)
     return (policy_kl_logps - ref_kl_logps).detach().mean().clamp(min=0)
+
+
+def _kto_loss(options: KTOOptions, logps: Tensor, ref_logps: Optional[Tensor],
+              preference_labels: Tensor, kl: Optional[Tensor] = None) -> KTOLossOutput:
+    if not isinstance(logps, Tensor) or logps.dim() != 1:
+        raise ValueError("logps must be a 1-D tensor (one value per example)")
+    _check_same("ref_logps", ref_logps, logps)
+    if not isinstance(preference_labels, Tensor) or preference_labels.shape != logps.shape:
+        raise ValueError(
+            f"preference_labels must be a tensor of shape {tuple(logps.shape)} (true = desirable)"
+        )
+    desirable = preference_labels.to(torch.bool)
+    x = logps if ref_logps is None else logps - ref_logps
+    z = torch.zeros((), dtype=x.dtype, device=x.device) if kl is None else kl.detach().to(x.dtype)
+    losses = _KTO_LOSSES[options.loss_type](x, z, desirable, options.beta)
+    scale = torch.where(desirable, losses.new_tensor(options.desirable_weight),
+                        losses.new_tensor(options.undesirable_weight))  # in the loss dtype
+    return KTOLossOutput(losses * scale, (options.beta * x).detach(), z)
 
 
 def kto_loss(
@@ -533,26 +869,6 @@ def kto_loss(
     ``apo_zero_unpaired``: ``1 − σ(β·x)`` and ``σ(β·x)`` (no KL). ``kl`` may be a tensor (e.g.
     from :func:`kto_kl`) or None.
     """
-    if not isinstance(logps, Tensor) or logps.dim() != 1:
-        raise ValueError("logps must be a 1-D tensor (one value per example)")
-    _check_same("ref_logps", ref_logps, logps)
-    if not isinstance(preference_labels, Tensor) or preference_labels.shape != logps.shape:
-        raise ValueError(
-            f"preference_labels must be a tensor of shape {tuple(logps.shape)} (true = desirable)"
-        )
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(
-            f"unknown KTO loss_type {loss_type!r}; expected one of {', '.join(KTO_LOSS_TYPES)}"
-        )
-    _check_beta(beta)
-    desirable = preference_labels.to(torch.bool)
-    x = logps if ref_logps is None else logps - ref_logps
-    z = torch.zeros((), dtype=x.dtype, device=x.device) if kl is None else kl.detach().to(x.dtype)
-    if loss_type == "kto":
-        losses = torch.where(desirable, 1 - torch.sigmoid(beta * (x - z)),
-                             1 - torch.sigmoid(beta * (z - x)))
-    else:
-        losses = torch.where(desirable, 1 - torch.sigmoid(beta * x), torch.sigmoid(beta * x))
-    scale = torch.where(desirable, losses.new_tensor(desirable_weight),
-                        losses.new_tensor(undesirable_weight))  # in the loss dtype, not fp32
-    return KTOLossOutput(losses * scale, (beta * x).detach(), z)
+    options = KTOOptions(beta=beta, desirable_weight=desirable_weight,
+                         undesirable_weight=undesirable_weight, loss_type=loss_type)
+    return _kto_loss(options, logps, ref_logps, preference_labels, kl)

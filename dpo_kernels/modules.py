@@ -8,6 +8,12 @@ signatures and return tuples are Liger-Kernel 0.8's, so a Liger user changes one
 ``torch.compile`` nor chunking). Everything a module adds over Liger is keyword-only and comes
 after Liger's arguments.
 
+Each module checks its options when it is built, without running a loss: the loss's options go
+into one frozen object from :mod:`dpo_kernels.losses` (``self.options``, e.g.
+``PreferenceOptions``) whose construction is the check, and Liger's attribute names (``beta``,
+``loss_type`` …) read from it; the module's own options (``ignore_index``, ``backend`` …) are
+plain attributes.
+
 The returned tuple also carries ``.metrics``: a dict of detached 0-d tensors under TRL's names
 (``rewards/chosen`` … ``nll_loss``), built from the same pass (no ``.item()``, no host sync).
 """
@@ -22,14 +28,20 @@ from torch import Tensor, nn
 
 from .logprobs import linear_logprobs
 from .losses import (
-    cpo_loss,
+    CPOOptions,
+    KTOOptions,
+    ORPOOptions,
+    PreferenceOptions,
+    SimPOOptions,
+    _check_ld_alpha,
+    _cpo_loss,
+    _kto_loss,
+    _ld_sequence_stats,
+    _orpo_loss,
+    _preference_loss,
+    _simpo_loss,
     kto_kl,
-    kto_loss,
-    ld_logps,
     mean_nll,
-    orpo_loss,
-    preference_loss,
-    simpo_loss,
     wpo_weights,
 )
 
@@ -148,10 +160,8 @@ def _sequence_pass(hidden, weight, target, bias, *, ignore_index, average_log_pr
     else:  # LD-DPO needs per-token log-probs to split shared and tail tokens
         st = linear_logprobs(hidden, weight, target, bias, ignore_index=ignore_index,
                              reduction="none", return_stats=True, backend=backend)
-        num = st.num_tokens.sum(dim=1)
-        sums = st.logps.sum(dim=1)
-        logps = ld_logps(st.logps, target != ignore_index, ld_alpha)
-        stats = type(st)(*(t.sum(dim=1) for t in st))
+        logps, stats = _ld_sequence_stats(st, ld_alpha)
+        sums, num = stats.logps, stats.num_tokens
     if average_log_prob:
         logps = logps / num.clamp(min=1).to(logps.dtype)
     return _Pass(logps, sums, num, stats.logits_sum, stats.entropy_sum, stats.top1_correct,
@@ -195,6 +205,12 @@ def _pair_metrics(chosen: _Pass, rejected: _Pass, chosen_rewards, rejected_rewar
             "mean_token_accuracy": _ratio(chosen.top1, chosen.num_tokens),
             "nll_loss": nll.detach().float(),
         }
+
+
+def _from_options(name: str) -> property:
+    """A read-only attribute that reads ``self.options.<name>`` (Liger's attribute names)."""
+    return property(lambda self: getattr(self.options, name),
+                    doc=f"``options.{name}`` (read-only: build a new module to change it)")
 
 
 def _split(p: _Pass):
@@ -258,7 +274,16 @@ class FusedLinearDPOLoss(_PairedBase):
     ``sigmoid`` is conservative DPO (Liger 0.8 and TRL 1.16 ignore it there).
     ``chosen_logits_mean`` follows Liger (mean over every position, ignored ones included);
     ``metrics["logits/chosen"]`` follows TRL (completion tokens only).
+    ``options`` is the :class:`~dpo_kernels.losses.PreferenceOptions` built (and so checked) here.
     """
+
+    beta = _from_options("beta")
+    loss_type = _from_options("loss_type")
+    label_smoothing = _from_options("label_smoothing")
+    discopop_tau = _from_options("discopop_tau")
+    loss_weights = _from_options("loss_weights")
+    f_divergence_type = _from_options("f_divergence_type")
+    f_alpha_divergence_coef = _from_options("f_alpha_divergence_coef")
 
     def __init__(
         self,
@@ -282,35 +307,22 @@ class FusedLinearDPOLoss(_PairedBase):
         backend: str = "auto",
     ):
         super().__init__()
+        self.options = PreferenceOptions(
+            loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+            loss_weights=loss_weights, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
+        if ld_alpha is not None:
+            _check_ld_alpha(ld_alpha)
         self.ignore_index = ignore_index
-        self.beta = beta
         self.alpha = alpha
         self.compute_nll_loss = compute_nll_loss
         self.compiled = compiled
         self.use_ref_model = use_ref_model
         self.average_log_prob = average_log_prob
         self.chunk_size = chunk_size
-        self.loss_type = loss_type
-        self.label_smoothing = label_smoothing
-        self.discopop_tau = discopop_tau
-        self.loss_weights = loss_weights
-        self.f_divergence_type = f_divergence_type
-        self.f_alpha_divergence_coef = f_alpha_divergence_coef
         self.use_weighting = use_weighting
         self.ld_alpha = ld_alpha
         self.backend = backend
-        # Fail at construction, not at the first step: run the option checks on a dummy pair.
-        one = torch.zeros(1)
-        preference_loss(one, one, one, one, **self._loss_kwargs(), chosen_num_tokens=one,
-                        rejected_num_tokens=one)
-        if ld_alpha is not None:
-            ld_logps(torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool), ld_alpha)
-
-    def _loss_kwargs(self):
-        return dict(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
-                    loss_weights=self.loss_weights, f_divergence_type=self.f_divergence_type,
-                    f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-                    discopop_tau=self.discopop_tau)
 
     def _reference(self, target, ref_input, ref_weight, ref_bias, ref_chosen_logps,
                    ref_rejected_logps, half):
@@ -352,8 +364,8 @@ class FusedLinearDPOLoss(_PairedBase):
         if self.use_weighting:  # WPO weights from the plain sums, as TRL
             weights = wpo_weights(chosen.sums, rejected.sums, chosen.lss, rejected.lss,
                                   chosen.num_tokens, rejected.num_tokens)
-        out = preference_loss(
-            chosen.logps, rejected.logps, ref_c, ref_r, **self._loss_kwargs(),
+        out = _preference_loss(
+            self.options, chosen.logps, rejected.logps, ref_c, ref_r,
             reference_free=ref_c is None, chosen_num_tokens=chosen.num_tokens,
             rejected_num_tokens=rejected.num_tokens, sft_loss=nll, weights=weights,
         )
@@ -368,30 +380,30 @@ class FusedLinearSimPOLoss(_PairedBase):
 
     ``loss, outputs = loss_fn(lin_weight, _input, target, bias=None)``; average log-probs,
     no reference model: ``loss = mean −log σ(β·(c̄ − r̄) − γ) + alpha·NLL(chosen)`` (with label
-    smoothing as Liger). Outputs as :class:`FusedLinearDPOLoss`.
+    smoothing as Liger). Outputs as :class:`FusedLinearDPOLoss`. ``options``:
+    :class:`~dpo_kernels.losses.SimPOOptions`.
     """
+
+    beta = _from_options("beta")
+    gamma = _from_options("gamma")
+    label_smoothing = _from_options("label_smoothing")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
                  label_smoothing: float = 0.0, compute_nll_loss: bool = True,
                  compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1, *,
                  backend: str = "auto"):
         super().__init__()
+        self.options = SimPOOptions(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
         self.ignore_index = ignore_index
-        self.beta = beta
         self.alpha = alpha
-        self.label_smoothing = label_smoothing
         self.compute_nll_loss = compute_nll_loss
         self.compiled = compiled
-        self.gamma = gamma
         self.chunk_size = chunk_size
         self.backend = backend
-        one = torch.zeros(1)
-        simpo_loss(one, one, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
 
     def forward(self, lin_weight, _input, target, bias=None):
         chosen, rejected, nll, c_mean, r_mean = self._policy(lin_weight, _input, target, bias, True)
-        out = simpo_loss(chosen.logps, rejected.logps, beta=self.beta, gamma=self.gamma,
-                         label_smoothing=self.label_smoothing)
+        out = _simpo_loss(self.options, chosen.logps, rejected.logps)
         return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
 
 
@@ -401,36 +413,34 @@ class FusedLinearCPOLoss(_PairedBase):
     ``loss, outputs = loss_fn(lin_weight, _input, target, bias=None)``:
     ``loss = mean cpo_loss(chosen, rejected) + alpha·NLL(chosen)``. Beyond Liger: ``loss_type``
     (``sigmoid``, ``hinge``, ``ipo``, ``simpo`` — CPO-SimPO with margin ``simpo_gamma``), as TRL's
-    ``CPOConfig``. Outputs as :class:`FusedLinearDPOLoss`.
+    ``CPOConfig``. Outputs as :class:`FusedLinearDPOLoss`. ``options``:
+    :class:`~dpo_kernels.losses.CPOOptions`.
     """
+
+    beta = _from_options("beta")
+    label_smoothing = _from_options("label_smoothing")
+    loss_type = _from_options("loss_type")
+    simpo_gamma = _from_options("simpo_gamma")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
                  label_smoothing: float = 0.0, compute_nll_loss: bool = True,
                  compiled: bool = True, average_log_prob: bool = False, chunk_size: int = 1, *,
                  loss_type: str = "sigmoid", simpo_gamma: float = 0.5, backend: str = "auto"):
         super().__init__()
+        self.options = CPOOptions(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
+                                  simpo_gamma=simpo_gamma)
         self.ignore_index = ignore_index
-        self.beta = beta
         self.alpha = alpha
-        self.label_smoothing = label_smoothing
         self.compute_nll_loss = compute_nll_loss
         self.compiled = compiled
         self.average_log_prob = average_log_prob
         self.chunk_size = chunk_size
-        self.loss_type = loss_type
-        self.simpo_gamma = simpo_gamma
         self.backend = backend
-        one = torch.zeros(1)
-        cpo_loss(one, one, **self._loss_kwargs())
-
-    def _loss_kwargs(self):
-        return dict(beta=self.beta, label_smoothing=self.label_smoothing,
-                    loss_type=self.loss_type, simpo_gamma=self.simpo_gamma)
 
     def forward(self, lin_weight, _input, target, bias=None):
         chosen, rejected, nll, c_mean, r_mean = self._policy(
             lin_weight, _input, target, bias, self.average_log_prob)
-        out = cpo_loss(chosen.logps, rejected.logps, **self._loss_kwargs())
+        out = _cpo_loss(self.options, chosen.logps, rejected.logps)
         return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
 
 
@@ -444,22 +454,23 @@ class FusedLinearORPOLoss(_PairedBase):
     chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen) = loss_fn(lin_weight,
     _input, target, bias=None, nll_target=None)``; average log-probs:
     ``loss = NLL(chosen) − β·mean log σ(log-odds)``. ``nll_target (2B, T)``, if given, supplies
-    the NLL's labels for the chosen half (one more kernel pass over that half).
+    the NLL's labels for the chosen half (one more kernel pass over that half). ``options``:
+    :class:`~dpo_kernels.losses.ORPOOptions`.
     """
+
+    beta = _from_options("beta")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1,
                  compute_nll_loss: bool = True, compiled: bool = True, chunk_size: int = 1, *,
                  backend: str = "auto"):
         super().__init__()
+        self.options = ORPOOptions(beta=beta)
         self.ignore_index = ignore_index
-        self.beta = beta
         self.alpha = 1.0
         self.compute_nll_loss = compute_nll_loss
         self.compiled = compiled
         self.chunk_size = chunk_size
         self.backend = backend
-        one = torch.zeros(1)
-        orpo_loss(one - 1, one - 1, beta=beta)
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
         chosen, rejected, nll, c_mean, r_mean = self._policy(lin_weight, _input, target, bias, True)
@@ -474,7 +485,7 @@ class FusedLinearORPOLoss(_PairedBase):
                                  ignore_index=self.ignore_index, return_stats=True,
                                  backend=self.backend)
             nll = mean_nll(st.logps, st.num_tokens)
-        out = orpo_loss(chosen.logps, rejected.logps, beta=self.beta)
+        out = _orpo_loss(self.options, chosen.logps, rejected.logps)
         loss, outputs = self._finish(out, chosen, rejected, nll, c_mean, r_mean, ORPOOutputs,
                                      (out.log_odds_ratio, out.log_odds_chosen))
         outputs.metrics["log_odds_ratio"] = out.log_odds_ratio.float()
@@ -499,8 +510,14 @@ class FusedLinearKTOLoss(nn.Module):
     completions through the same kernel (``kl_input``/``kl_target`` for the policy and
     ``ref_kl_input`` for the reference, no autograd), as TRL; ``desirable_weight``,
     ``undesirable_weight``, ``loss_type`` (``kto`` or ``apo_zero_unpaired``), ``backend``.
-    ``chosen_logits_sum`` follows Liger (every position, ignored ones included).
+    ``chosen_logits_sum`` follows Liger (every position, ignored ones included). ``options``:
+    :class:`~dpo_kernels.losses.KTOOptions`.
     """
+
+    beta = _from_options("beta")
+    desirable_weight = _from_options("desirable_weight")
+    undesirable_weight = _from_options("undesirable_weight")
+    loss_type = _from_options("loss_type")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
                  use_ref_model: bool = False, average_log_prob: bool = False,
@@ -508,22 +525,14 @@ class FusedLinearKTOLoss(nn.Module):
                  undesirable_weight: float = 1.0, loss_type: str = "kto",
                  backend: str = "auto"):
         super().__init__()
+        self.options = KTOOptions(beta=beta, desirable_weight=desirable_weight,
+                                  undesirable_weight=undesirable_weight, loss_type=loss_type)
         self.ignore_index = ignore_index
-        self.beta = beta
         self.compiled = compiled
         self.use_ref_model = use_ref_model
         self.average_log_prob = average_log_prob
         self.chunk_size = chunk_size
-        self.desirable_weight = desirable_weight
-        self.undesirable_weight = undesirable_weight
-        self.loss_type = loss_type
         self.backend = backend
-        one = torch.zeros(1)
-        kto_loss(one, one, one.bool(), **self._loss_kwargs())
-
-    def _loss_kwargs(self):
-        return dict(beta=self.beta, desirable_weight=self.desirable_weight,
-                    undesirable_weight=self.undesirable_weight, loss_type=self.loss_type)
 
     def _pass(self, _input, weight, target, bias):
         return _sequence_pass(_input, weight, target, bias, ignore_index=self.ignore_index,
@@ -564,7 +573,7 @@ class FusedLinearKTOLoss(nn.Module):
                 pol_kl = self._pass(kl_input, lin_weight, kl_target, bias).logps
                 ref_kl = self._pass(ref_kl_input, ref_weight, kl_target, ref_bias).logps
             kl = kto_kl(pol_kl, ref_kl)
-        out = kto_loss(pol.logps, ref, labels, kl=kl, **self._loss_kwargs())
+        out = _kto_loss(self.options, pol.logps, ref, labels, kl)
         loss = out.losses.mean()
         with torch.no_grad():
             d = labels.to(pol.logps.dtype)

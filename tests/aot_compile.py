@@ -59,7 +59,8 @@ def variants():
                {**tile_c, "HAS_STATS": has_stats}, launch)
         yield (f"fwd_combine[{has_stats}]", forward._fwd_combine_kernel,
                {"PART": "fp32", "LABELS": "i64", "TOK": "fp32"},
-               {"HAS_STATS": has_stats, "BLOCK": policy.combine_block(cuda)}, {"num_warps": 4, "num_stages": 1})
+               {"HAS_STATS": has_stats, "BLOCK": policy.combine_block(cuda)},
+               {"num_warps": 4, "num_stages": 1})
         yield (f"bwd_logit_grad[{dt},{flags[:2]}]", backward._bwd_logit_grad_kernel,
                {"H": dt, "W": dt, "BIAS": dt, "LABELS": "i64", "LSE": "fp32", "GRAD": "fp32",
                 "G": dt}, tile_c, launch)

@@ -104,7 +104,7 @@ EPS = {"exo_pair": 1e-3, "robust": 0.2, "aot": 0.1, "aot_unpaired": 0.1, "sigmoi
 # Every loss type with the default reverse KL; the f-divergences only where TRL defines them (the
 # other combinations must raise: test_errors).
 COMBOS = [(k, f) for f in L.F_DIVERGENCES for k in L.LOSS_TYPES
-          if f == "reverse_kl" or k in L._F_DIVERGENCE_LOSSES]
+          if f == "reverse_kl" or L.LOSS_SPECS[k].f_divergence_ok]
 
 
 @pytest.mark.parametrize("kind, fk", COMBOS)
@@ -293,3 +293,105 @@ def test_shape_errors():
         L.ld_logps(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), 1.5)
     with pytest.raises(ValueError, match=r"\(2P, T\)"):
         L.ld_logps(torch.zeros(3, 3), torch.ones(3, 3, dtype=torch.bool), 0.5)
+
+
+# ----------------------------------------------------------------------------- the table, options
+
+
+def test_loss_specs_cover_exactly_loss_types():
+    assert tuple(L.LOSS_SPECS) == L.LOSS_TYPES
+    for kind, spec in L.LOSS_SPECS.items():
+        doc = spec.fn.__doc__
+        assert doc and "\n" not in doc.strip(), f"{kind}: one-line formula docstring"
+    # TRL 1.16's DPOTrainer.__init__ lists these as the ones an f-divergence generalises.
+    assert {k for k, s in L.LOSS_SPECS.items() if s.f_divergence_ok} == {
+        "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+    assert {k for k, s in L.LOSS_SPECS.items() if s.needs_num_tokens} == {"ipo", "sigmoid_norm"}
+    assert {k for k, s in L.LOSS_SPECS.items() if s.trl_overrides} == {"sigmoid"}
+    assert L.CPO_LOSS_TYPES == ("sigmoid", "hinge", "ipo", "simpo")
+    assert L.KTO_LOSS_TYPES == ("kto", "apo_zero_unpaired")
+
+
+def test_options_are_frozen_and_normalised():
+    import dataclasses
+
+    o = L.PreferenceOptions(loss_type=["sigmoid", "ipo"], loss_weights=[1, 0.5])
+    assert o.loss_type == ("sigmoid", "ipo") and o.loss_types == ("sigmoid", "ipo")
+    assert o.loss_weights == (1.0, 0.5)
+    one = L.PreferenceOptions()
+    assert one.loss_type == "sigmoid" and one.loss_types == ("sigmoid",)
+    assert one.loss_weights == (1.0,)
+    assert hash(o) == hash(L.PreferenceOptions(loss_type=("sigmoid", "ipo"),
+                                               loss_weights=(1.0, 0.5)))
+    for opts in (o, L.SimPOOptions(), L.CPOOptions(), L.ORPOOptions(), L.KTOOptions()):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            opts.beta = 0.5
+
+
+# The option errors of test_errors, raised by the options object itself (no tensors involved).
+OPTION_ERRORS = [
+    (L.PreferenceOptions, dict(loss_type="dpo"), "unknown loss_type"),
+    (L.PreferenceOptions, dict(loss_type=[]), "at least one"),
+    (L.PreferenceOptions, dict(loss_type="robust", label_smoothing=0.7), r"\[0, 0.5\)"),
+    (L.PreferenceOptions, dict(loss_type=["sigmoid", "exo_pair"]), r"\(0, 1\)"),
+    (L.PreferenceOptions, dict(label_smoothing=1.0), r"\[0, 1\)"),
+    (L.PreferenceOptions, dict(beta=-1.0), "beta"),
+    (L.PreferenceOptions, dict(f_divergence_type="kl"), "unknown f_divergence_type"),
+    (L.PreferenceOptions, dict(loss_type=["sigmoid", "aot"], f_divergence_type="js_divergence"),
+     r"no generalisation for loss_type \['aot'\]"),
+    (L.PreferenceOptions, dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]),
+     "one weight per loss"),
+    (L.PreferenceOptions, dict(loss_type="discopop", discopop_tau=-1.0), "discopop_tau"),
+    (L.SimPOOptions, dict(label_smoothing=-0.1), r"\[0, 1\)"),
+    (L.CPOOptions, dict(loss_type="kto"), "unknown CPO loss_type"),
+    (L.CPOOptions, dict(beta=0.0), "beta"),
+    (L.ORPOOptions, dict(beta=float("inf")), "beta"),
+    (L.KTOOptions, dict(loss_type="sigmoid"), "unknown KTO loss_type"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, match", OPTION_ERRORS)
+def test_option_errors(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_discopop_tau_is_only_checked_for_discopop():
+    L.PreferenceOptions(loss_type="sigmoid", discopop_tau=0.0)  # unused: no error
+
+
+def test_trl_overrides_in_one_call():
+    """trl=True: sigmoid without label smoothing (TRL 1.16 ignores it there), robust with it, in
+    one call with both types; the default options smooth the sigmoid loss too."""
+    pc, pr, rc, rr, *_ = make_pairs()
+    eps, kinds, weights = 0.2, ["sigmoid", "robust"], [0.7, 0.3]
+
+    def part(kind, e):
+        return L.preference_loss(pc, pr, rc, rr, loss_type=kind, label_smoothing=e).losses
+
+    trl = L.PreferenceOptions(loss_type=kinds, label_smoothing=eps, loss_weights=weights,
+                              trl=True)
+    got = L._preference_loss(trl, pc, pr, rc, rr).losses
+    torch.testing.assert_close(got, 0.7 * part("sigmoid", 0.0) + 0.3 * part("robust", eps),
+                               rtol=0, atol=0)
+    ours = L.PreferenceOptions(loss_type=kinds, label_smoothing=eps, loss_weights=weights)
+    got = L._preference_loss(ours, pc, pr, rc, rr).losses
+    torch.testing.assert_close(got, 0.7 * part("sigmoid", eps) + 0.3 * part("robust", eps),
+                               rtol=0, atol=0)
+    assert ours.label_smoothing == trl.label_smoothing == eps  # the override is per type only
+
+
+def test_ld_sequence_stats():
+    """The LD-DPO per-token → per-sequence step the module and the TRL drop-in share."""
+    from dpo_kernels import LogProbStats
+
+    g = torch.Generator().manual_seed(5)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 1, 0, 0], [1, 1, 1, 1]])
+    per_tok = LogProbStats(*(torch.randn(4, 4, generator=g, dtype=torch.float64) * mask
+                             for _ in range(6)))
+    per_tok = per_tok._replace(num_tokens=mask)
+    logps, sums = L._ld_sequence_stats(per_tok, 0.3)
+    torch.testing.assert_close(logps, L.ld_logps(per_tok.logps, mask.bool(), 0.3), rtol=0, atol=0)
+    assert type(sums) is LogProbStats
+    for got, t in zip(sums, per_tok):
+        torch.testing.assert_close(got, t.sum(dim=1), rtol=0, atol=0)

@@ -328,3 +328,65 @@ def test_readme_liger_swap_gives_liger_results():
         results.append((env["loss"], env["chosen_logps"], env["rejected_logps"]))
     for x, y, what in zip(*results, ("loss", "chosen_logps", "rejected_logps")):
         close(x, y, what)
+
+
+MODULES = (M.FusedLinearDPOLoss, M.FusedLinearSimPOLoss, M.FusedLinearCPOLoss,
+           M.FusedLinearORPOLoss, M.FusedLinearKTOLoss)
+
+
+@pytest.fixture
+def no_loss_runs(monkeypatch):
+    """Make running any loss or LM-head pass an error: construction must check options alone."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a loss ran at module construction")
+
+    for name in ("_preference_loss", "_simpo_loss", "_cpo_loss", "_orpo_loss", "_kto_loss",
+                 "linear_logprobs", "wpo_weights"):
+        monkeypatch.setattr(M, name, boom)
+    for name in ("preference_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss",
+                 "ld_logps", "_preference_loss"):
+        monkeypatch.setattr(dk.losses, name, boom)
+
+
+@pytest.mark.parametrize("cls, kwargs, match", [
+    (M.FusedLinearDPOLoss, dict(loss_type="nope"), "unknown loss_type"),
+    (M.FusedLinearDPOLoss, dict(loss_type="robust", label_smoothing=0.7), r"\[0, 0.5\)"),
+    (M.FusedLinearDPOLoss, dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]),
+     "one weight per loss"),
+    (M.FusedLinearDPOLoss, dict(loss_type="bco_pair", f_divergence_type="forward_kl"),
+     "no generalisation"),
+    (M.FusedLinearDPOLoss, dict(ld_alpha=-0.5), "ld_alpha"),
+    (M.FusedLinearSimPOLoss, dict(beta=0.0), "beta"),
+    (M.FusedLinearSimPOLoss, dict(label_smoothing=1.5), r"\[0, 1\)"),
+    (M.FusedLinearCPOLoss, dict(loss_type="nope"), "unknown CPO loss_type"),
+    (M.FusedLinearORPOLoss, dict(beta=-1.0), "beta"),
+    (M.FusedLinearKTOLoss, dict(loss_type="nope"), "unknown KTO loss_type"),
+])
+def test_options_checked_at_construction_without_a_loss(no_loss_runs, cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_modules_hold_one_frozen_options_object(no_loss_runs):
+    import dataclasses
+
+    dpo = M.FusedLinearDPOLoss(beta=0.3, loss_type=["sigmoid", "ipo"], label_smoothing=0.1,
+                               loss_weights=[1.0, 0.5], ignore_index=-1, backend="torch",
+                               compiled=False, chunk_size=4, ld_alpha=0.5)
+    assert dpo.options == dk.losses.PreferenceOptions(
+        beta=0.3, loss_type=("sigmoid", "ipo"), label_smoothing=0.1, loss_weights=(1.0, 0.5))
+    assert (dpo.beta, dpo.loss_type, dpo.label_smoothing, dpo.loss_weights) == (
+        0.3, ("sigmoid", "ipo"), 0.1, (1.0, 0.5))
+    assert (dpo.ignore_index, dpo.backend, dpo.compiled, dpo.chunk_size, dpo.ld_alpha) == (
+        -1, "torch", False, 4, 0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dpo.options.beta = 0.5
+    with pytest.raises(AttributeError):
+        dpo.beta = 0.5  # would silently not reach the loss: build a new module instead
+    for cls in MODULES:
+        mod = cls(beta=0.2)
+        assert dataclasses.is_dataclass(mod.options) and mod.beta == mod.options.beta == 0.2
+    assert M.FusedLinearCPOLoss(loss_type="simpo", simpo_gamma=0.3).simpo_gamma == 0.3
+    assert M.FusedLinearSimPOLoss(gamma=0.7).gamma == 0.7
+    kto = M.FusedLinearKTOLoss(undesirable_weight=1.5, loss_type="apo_zero_unpaired")
+    assert (kto.undesirable_weight, kto.loss_type) == (1.5, "apo_zero_unpaired")

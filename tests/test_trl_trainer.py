@@ -110,6 +110,9 @@ CONFIGS = {
     "sigmoid_norm": {"loss_type": ["sigmoid_norm"]},
     "discopop": {"loss_type": ["discopop"]},
     "mpo_list": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+    # one loss call: TRL smooths robust and not sigmoid
+    "sigmoid_robust": {"loss_type": ["sigmoid", "robust"], "loss_weights": [0.6, 0.4],
+                       "label_smoothing": 0.1},
     "js_divergence": {"f_divergence_type": "js_divergence", "beta": 0.5},
     "alpha_divergence": {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
     "wpo": {"use_weighting": True},
@@ -198,9 +201,51 @@ def test_sigmoid_label_smoothing_follows_trl_with_a_warning(tokenizer, dataset, 
                           train_dataset=dataset, processing_class=tokenizer)
 
 
-def test_unsupported_trl_versions_are_refused(monkeypatch):
-    monkeypatch.setattr(trl, "__version__", "1.17.0")
-    with pytest.raises(ImportError, match="supports trl>=1.16,<1.17"):
-        dk_trl._check_trl_version()
-    monkeypatch.setattr(trl, "__version__", "1.16.2")
-    dk_trl._check_trl_version()
+def _import_again():
+    """Run dpo_kernels/integrations/trl.py once more as a new module (its import-time checks),
+    leaving the imported one alone."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dpo_kernels.integrations._trl_again",
+                                                  dk_trl.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("version", ["1.17.0", "1.17.0rc1", "1.15.2", "2.0.0"])
+def test_unsupported_trl_versions_are_refused(monkeypatch, version):
+    monkeypatch.setattr(trl, "__version__", version)
+    with pytest.raises(ImportError, match=rf"supports trl>=1.16,<1.17 .*found trl {version}\."):
+        _import_again()
+
+
+@pytest.mark.parametrize("version", ["1.16.0", "1.16.2", "1.16.3.dev0"])
+def test_supported_trl_versions_import(monkeypatch, version):
+    monkeypatch.setattr(trl, "__version__", version)
+    assert issubclass(_import_again().DPOTrainer, trl.DPOTrainer)
+
+
+def test_missing_trl_is_an_import_error_naming_the_range(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
+    with pytest.raises(ImportError, match=r"needs TRL: pip install 'trl>=1.16,<1.17'"):
+        _import_again()
+
+
+def test_loss_options_built_once_with_trl_quirks(tokenizer, dataset, tmp_path):
+    """The options come from the DPOConfig at construction, TRL-flavoured: sigmoid drops the
+    label smoothing that robust keeps (test_one_batch_matches_stock_trl["sigmoid_robust"])."""
+    import dataclasses
+
+    from dpo_kernels.losses import PreferenceOptions
+
+    trainer = _trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path,
+                       loss_type=["sigmoid", "robust"], loss_weights=[0.6, 0.4],
+                       label_smoothing=0.1, beta=0.3)
+    assert trainer.loss_options == PreferenceOptions(
+        loss_type=("sigmoid", "robust"), loss_weights=(0.6, 0.4), label_smoothing=0.1, beta=0.3,
+        discopop_tau=trainer.args.discopop_tau, trl=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trainer.loss_options.beta = 1.0

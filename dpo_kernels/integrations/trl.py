@@ -20,46 +20,49 @@ import warnings
 
 import torch
 
-from ..losses import ld_logps, mean_nll, preference_loss, wpo_weights
+from ..losses import (
+    LOSS_SPECS,
+    PreferenceOptions,
+    _ld_sequence_stats,
+    _preference_loss,
+    mean_nll,
+    wpo_weights,
+)
 from .transformers import sequence_logprobs
 
 SUPPORTED_TRL = (">=1.16", "<1.17")
-_NON_MODEL_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask",
-                             "ref_chosen_logps", "ref_rejected_logps"})
 
+try:
+    import trl
+    from accelerate.utils import is_peft_model
+    from packaging.specifiers import SpecifierSet
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+except ImportError as e:
+    raise ImportError(
+        f"dpo_kernels.integrations.trl needs TRL: pip install 'trl{','.join(SUPPORTED_TRL)}'"
+    ) from e
 
-def _check_trl_version() -> None:
-    try:
-        import trl
-    except ImportError as e:
-        raise ImportError(
-            f"dpo_kernels.integrations.trl needs TRL: pip install 'trl{','.join(SUPPORTED_TRL)}'"
-        ) from e
-    from packaging.version import Version
-
-    version = Version(trl.__version__)
-    if not (Version("1.16") <= version < Version("1.17")):
-        raise ImportError(
-            f"dpo_kernels.integrations.trl supports trl{','.join(SUPPORTED_TRL)} (it overrides "
-            f"DPOTrainer internals that change between releases); found trl {trl.__version__}. "
-            f"Install a supported TRL, or use trl.DPOTrainer itself."
-        )
-
-
-_check_trl_version()
-
-import trl  # noqa: E402
-from accelerate.utils import is_peft_model  # noqa: E402
-from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
-from trl.trainer.utils import use_adapter  # noqa: E402
+# prereleases=True lets a 1.16.x dev build in; PEP 440's "<1.17" still keeps 1.17 rcs out.
+if not SpecifierSet(",".join(SUPPORTED_TRL)).contains(trl.__version__, prereleases=True):
+    raise ImportError(
+        f"dpo_kernels.integrations.trl supports trl{','.join(SUPPORTED_TRL)} (it overrides "
+        f"DPOTrainer internals that change between releases); found trl {trl.__version__}. "
+        f"Install a supported TRL, or use trl.DPOTrainer itself."
+    )
 
 __all__ = ["DPOTrainer", "SUPPORTED_TRL"]
+
+_NON_MODEL_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask",
+                             "ref_chosen_logps", "ref_rejected_logps"})
 
 
 class DPOTrainer(trl.DPOTrainer):
     """``trl.DPOTrainer`` with fused per-sequence log-probs (see the module docstring).
 
     ``logprobs_backend`` (class attribute, ``"auto"``) picks the :func:`linear_logprobs` backend.
+    ``loss_options`` is the :class:`~dpo_kernels.losses.PreferenceOptions` built once from the
+    ``DPOConfig`` in ``__init__``, with TRL's per-type quirks (``trl=True``).
     """
 
     logprobs_backend = "auto"
@@ -72,12 +75,19 @@ class DPOTrainer(trl.DPOTrainer):
                 "router_aux_loss_coef != 0) is not supported by dpo_kernels' DPOTrainer yet; set "
                 "DPOConfig(router_aux_loss_coef=0.0) or use trl.DPOTrainer"
             )
-        if "sigmoid" in self.loss_types and self.label_smoothing > 0:
+        self.loss_options = PreferenceOptions(
+            loss_type=self.loss_types, beta=self.beta, label_smoothing=self.label_smoothing,
+            loss_weights=self.loss_weights, f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.args.discopop_tau, trl=True)
+        ignored = [t for t in self.loss_options.loss_types
+                   if "label_smoothing" in dict(LOSS_SPECS[t].trl_overrides)]
+        if ignored and self.label_smoothing > 0:
             warnings.warn(
-                "TRL 1.16 ignores label_smoothing for loss_type='sigmoid' (it is used by robust, "
-                "exo_pair and aot*); this drop-in does the same so results match TRL. For "
-                "conservative DPO, use dpo_kernels.preference_loss(loss_type='sigmoid', "
-                "label_smoothing=...) or FusedLinearDPOLoss.",
+                f"TRL 1.16 ignores label_smoothing for loss_type {', '.join(map(repr, ignored))} "
+                "(it is used by robust, exo_pair and aot*); this drop-in does the same so results "
+                "match TRL. For conservative DPO, use dpo_kernels.preference_loss("
+                "loss_type='sigmoid', label_smoothing=...) or FusedLinearDPOLoss.",
                 stacklevel=2,
             )
 
@@ -92,9 +102,7 @@ class DPOTrainer(trl.DPOTrainer):
             reduction="none" if ld else "sum", backend=self.logprobs_backend, **model_kwargs)
         if not ld:
             return stats.logps, stats
-        # per token, num_tokens is 1 exactly where a token is scored
-        logps = ld_logps(stats.logps, stats.num_tokens.bool(), self.ld_alpha)
-        return logps, type(stats)(*(t.sum(dim=1) for t in stats))
+        return _ld_sequence_stats(stats, self.ld_alpha)
 
     def _reference_context(self):
         if self.ref_model is None and is_peft_model(self.model):
@@ -133,24 +141,18 @@ class DPOTrainer(trl.DPOTrainer):
         completion_len = inputs["completion_mask"].sum(dim=1)
         chosen_len, rejected_len = completion_len.chunk(2, dim=0)
         raw, num = stats.logps.chunk(2, dim=0), stats.num_tokens.chunk(2, dim=0)
-        sft = mean_nll(raw[0], num[0]) if "sft" in self.loss_types else None
+        sft = mean_nll(raw[0], num[0]) if "sft" in self.loss_options.loss_types else None
         weights = None
         if self.use_weighting:
             lssp = stats.log_sum_sq_probs_sum.chunk(2, dim=0)
             weights = wpo_weights(raw[0], raw[1], lssp[0], lssp[1], num[0], num[1])
-        loss = 0.0
-        for kind, weight in zip(self.loss_types, self.loss_weights):
-            # One call per type: TRL applies label_smoothing to robust/exo_pair/aot*, not sigmoid.
-            losses, chosen_rewards, rejected_rewards = preference_loss(
-                chosen_logps, rejected_logps, ref_chosen.to(chosen_logps),
-                ref_rejected.to(chosen_logps), loss_type=kind, beta=self.beta,
-                label_smoothing=0.0 if kind == "sigmoid" else self.label_smoothing,
-                f_divergence_type=self.f_divergence_type,
-                f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-                discopop_tau=self.args.discopop_tau,
-                chosen_num_tokens=chosen_len, rejected_num_tokens=rejected_len,
-                sft_loss=sft, weights=weights)
-            loss = loss + losses.mean() * weight
+        # Every loss type in one call; the options carry TRL's per-type quirks (no
+        # label_smoothing for sigmoid).
+        losses, chosen_rewards, rejected_rewards = _preference_loss(
+            self.loss_options, chosen_logps, rejected_logps, ref_chosen.to(chosen_logps),
+            ref_rejected.to(chosen_logps), chosen_num_tokens=chosen_len,
+            rejected_num_tokens=rejected_len, sft_loss=sft, weights=weights)
+        loss = losses.mean()
 
         self._log_metrics(mode, inputs, stats, chosen_logps, rejected_logps,
                           chosen_rewards, rejected_rewards)
