@@ -114,8 +114,9 @@ class LogitOptions:
         return (self.ignore_index, self.temperature, self.logit_scale, self.softcap or 0.0)
 
     @classmethod
-    def from_op_args(cls, ignore_index: int, temperature: float, logit_scale: float,
-                     softcap: float) -> LogitOptions:
+    def from_op_args(
+        cls, ignore_index: int, temperature: float, logit_scale: float, softcap: float
+    ) -> LogitOptions:
         return cls(ignore_index, temperature, logit_scale, softcap if softcap > 0 else None)
 
     def transform(self, x: Tensor) -> Tensor:
@@ -202,8 +203,9 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def unavailable_reason(self, device: torch.device, dtype: Optional[torch.dtype] = None
-                           ) -> Optional[str]:
+    def unavailable_reason(
+        self, device: torch.device, dtype: Optional[torch.dtype] = None
+    ) -> Optional[str]:
         """None if this backend runs on ``device`` tensors of ``dtype`` here, else why not."""
 
     @abc.abstractmethod
@@ -211,8 +213,9 @@ class Backend(abc.ABC):
         """Per-token results of the valid rows (statistics only if ``with_stats``)."""
 
     @abc.abstractmethod
-    def backward(self, x: Rows, lse: Tensor, grad: Tensor, opts: LogitOptions,
-                 needs: Needs) -> Grads:
+    def backward(
+        self, x: Rows, lse: Tensor, grad: Tensor, opts: LogitOptions, needs: Needs
+    ) -> Grads:
         """Gradients of ``Σ_i grad[i] · logp_i``; ``lse (Nv,)`` is the forward's, ``grad (Nv,)``
         the upstream gradient of each valid token's log-prob. Must recompute bit-identical
         logits to the forward's."""
@@ -237,8 +240,9 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def available(device: Union[torch.device, str, None] = None,
-              dtype: Optional[torch.dtype] = None) -> dict[str, Optional[str]]:
+def available(
+    device: Union[torch.device, str, None] = None, dtype: Optional[torch.dtype] = None
+) -> dict[str, Optional[str]]:
     """For each backend name, None if it can run on ``device`` (default: CUDA if present, else
     the CPU) tensors of ``dtype`` here, else the reason it cannot. May build the C++ backend."""
     device = _default_device() if device is None else torch.device(device)
@@ -275,7 +279,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
             where = " on CPU" if device.type == "cpu" else ""
             warnings.warn(
                 f"dpo_kernels: falling back to the torch reference backend{where} ({reason})",
-                RuntimeWarning, stacklevel=3)
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return get("torch")
 
 

@@ -31,8 +31,11 @@ def _cpu() -> str:
     from .bench.suite import cpu_info
 
     name, flags = cpu_info()
-    isa = ("ISA flags unknown" if flags is None
-           else ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS))
+    isa = (
+        "ISA flags unknown"
+        if flags is None
+        else ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    )
     return f"{name} ({torch.get_num_threads()} threads); {isa}"
 
 
@@ -81,21 +84,27 @@ def demo(args) -> int:
         torch.autograd.grad(out.sum(), [hidden, weight])
         return out
 
-    print(f"dpo-kernels {__version__} demo on {device.type}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f": {2 * pairs} sequences x {seq_len} tokens, D={dim}, V={vocab}, {args.dtype}")
+    print(
+        f"dpo-kernels {__version__} demo on {device.type}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f": {2 * pairs} sequences x {seq_len} tokens, D={dim}, V={vocab}, {args.dtype}"
+    )
     logits_bytes = 2 * pairs * seq_len * vocab * 4
-    print(f"full float32 logits would take {logits_bytes / 2**20:,.0f} MiB; "
-          "linear_logprobs never materialises them")
+    print(
+        f"full float32 logits would take {logits_bytes / 2**20:,.0f} MiB; "
+        "linear_logprobs never materialises them"
+    )
     with torch.no_grad():
-        diff = (linear_logprobs(hidden, weight, labels)
-                - naive_token_logprobs(hidden, weight, labels).sum(-1))
+        diff = linear_logprobs(hidden, weight, labels) - naive_token_logprobs(
+            hidden, weight, labels
+        ).sum(-1)
     print(f"max |ours - naive| per-sequence log-prob: {diff.abs().max().item():.3g}")
     for name, fn in (("dpo_kernels", ours), ("naive", naive)):
         seconds, peak = _run(fn, device, args.repeats)
         mem = f", peak +{peak / 2**20:,.0f} MiB" if peak is not None else ""
-        print(f"  {name:12s} forward+backward {seconds * 1e3:9.1f} ms (median of "
-              f"{args.repeats}){mem}")
+        print(
+            f"  {name:12s} forward+backward {seconds * 1e3:9.1f} ms (median of {args.repeats}){mem}"
+        )
     return 0
 
 
@@ -144,8 +153,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=demo)
     from .bench import suite
 
-    p = sub.add_parser("bench", help="time and memory against every installed peer",
-                       description=suite.__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "bench",
+        help="time and memory against every installed peer",
+        description=suite.__doc__.split("\n\n")[0],
+    )
     suite.add_arguments(p)
     p.set_defaults(func=lambda a: suite.main(a, argv_list))
     p = sub.add_parser("info", help="versions and available backends")

@@ -148,9 +148,18 @@ def _scatter_rows(values: Tensor, rows: Tensor, n: int, dtype: torch.dtype) -> T
 
 
 def _forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, cu_seqlens: Tensor,
-    ignore_index: int, temperature: float, logit_scale: float, softcap: float,
-    per_token: bool, backend: str, with_stats: bool,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    cu_seqlens: Tensor,
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    per_token: bool,
+    backend: str,
+    with_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(logps, lse, num_tokens, logits_sum, entropy_sum, top1_correct, log_sum_sq_probs_sum)``
     per sequence (per token if ``per_token``; ``lse (N,)`` always per token); the stats are
@@ -176,8 +185,12 @@ def _forward(
     if with_stats:
         vals[3] = vals[3].round().to(torch.int64)  # top1_correct: a count
     else:
-        vals += [hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc),
-                 hidden.new_empty(0, dtype=torch.int64), hidden.new_empty(0, dtype=acc)]
+        vals += [
+            hidden.new_empty(0, dtype=acc),
+            hidden.new_empty(0, dtype=acc),
+            hidden.new_empty(0, dtype=torch.int64),
+            hidden.new_empty(0, dtype=acc),
+        ]
     logps, *stats = vals
     return (logps, _scatter_rows(tok.lse, x.rows, n, acc), num_tokens, *stats)
 
@@ -203,10 +216,22 @@ def _forward_fake(hidden, weight, bias, labels, cu_seqlens, *scalars):
 
 
 def _backward(
-    grad: Tensor, lse: Tensor,
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, cu_seqlens: Tensor,
-    ignore_index: int, temperature: float, logit_scale: float, softcap: float,
-    per_token: bool, backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+    grad: Tensor,
+    lse: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    cu_seqlens: Tensor,
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float,
+    softcap: float,
+    per_token: bool,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``Σ grad · logps`` w.r.t. hidden, weight, bias (empty where not needed)."""
     opts = LogitOptions.from_op_args(ignore_index, temperature, logit_scale, softcap)
@@ -215,8 +240,12 @@ def _backward(
     needs = Needs(need_hidden, need_weight, need_bias)
     n_valid = x.rows.shape[0]
     if n_valid == 0:
-        grads = Grads(*(torch.zeros_like(t) if need else None
-                        for t, need in zip((hidden, weight, bias), needs)))
+        grads = Grads(
+            *(
+                torch.zeros_like(t) if need else None
+                for t, need in zip((hidden, weight, bias), needs)
+            )
+        )
     else:
         if per_token:
             grad_c = grad.index_select(0, x.rows)
@@ -236,8 +265,10 @@ _bwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_bwd", _backward,
 @_bwd_op.register_fake
 def _backward_fake(grad, lse, hidden, weight, bias, *rest):
     needs = rest[-3:]
-    return tuple(torch.empty_like(t) if need else hidden.new_empty(0)
-                 for t, need in zip((hidden, weight, bias), needs))
+    return tuple(
+        torch.empty_like(t) if need else hidden.new_empty(0)
+        for t, need in zip((hidden, weight, bias), needs)
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -250,11 +281,12 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_logps, *_grad_stats):
     hidden, weight, bias, labels, cu_seqlens, lse = ctx.saved_tensors
     needs = (*ctx.needs_input_grad[:2], ctx.needs_input_grad[2] and bias is not None)
-    grads = _bwd_op(grad_logps, lse, hidden, weight, bias, labels, cu_seqlens, *ctx.scalars,
-                    *needs)
+    grads = _bwd_op(grad_logps, lse, hidden, weight, bias, labels, cu_seqlens, *ctx.scalars, *needs)
     # Only hidden, weight and bias are differentiable; the rest of the inputs get None.
-    return (*(g if need else None for g, need in zip(grads, needs)),
-            *(None,) * (ctx.n_inputs - len(needs)))
+    return (
+        *(g if need else None for g, need in zip(grads, needs)),
+        *(None,) * (ctx.n_inputs - len(needs)),
+    )
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -263,15 +295,24 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public API
 
 
-def _check_args(hidden, weight, labels, bias, cu_seqlens, reduction, temperature,
-                logit_scale, softcap, ignore_index, backend):
+def _check_args(
+    hidden,
+    weight,
+    labels,
+    bias,
+    cu_seqlens,
+    reduction,
+    temperature,
+    logit_scale,
+    softcap,
+    ignore_index,
+    backend,
+):
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}"
-        )
+        raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(
             f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype} (cast one of them)"
@@ -370,8 +411,19 @@ def linear_logprobs(
     Under ``torch.autocast`` the inputs are cast to its dtype first, as ``F.linear`` does.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _check_args(hidden, weight, labels, bias, cu_seqlens, reduction, temperature,
-                logit_scale, softcap, ignore_index, backend)
+    _check_args(
+        hidden,
+        weight,
+        labels,
+        bias,
+        cu_seqlens,
+        reduction,
+        temperature,
+        logit_scale,
+        softcap,
+        ignore_index,
+        backend,
+    )
     dim = weight.shape[1]
     if cu_seqlens is None and hidden.dim() == 3:
         n_seq, seq_len = hidden.shape[0], hidden.shape[1]
@@ -381,11 +433,24 @@ def linear_logprobs(
     hidden_2d = hidden.reshape(-1, dim)
     labels_1d = labels.reshape(-1).to(torch.int64)
     per_token = reduction == "none"
-    opts = LogitOptions(ignore_index, float(temperature), float(logit_scale),
-                        None if softcap is None else float(softcap))
+    opts = LogitOptions(
+        ignore_index,
+        float(temperature),
+        float(logit_scale),
+        None if softcap is None else float(softcap),
+    )
     chosen = resolve(backend, hidden.device, hidden.dtype)
-    outs = _fwd_op(hidden_2d, weight, bias, labels_1d, cu_seqlens, *opts.op_args(), per_token,
-                   chosen.name, bool(return_stats))
+    outs = _fwd_op(
+        hidden_2d,
+        weight,
+        bias,
+        labels_1d,
+        cu_seqlens,
+        *opts.op_args(),
+        per_token,
+        chosen.name,
+        bool(return_stats),
+    )
     logps, _lse, num_tokens, logits_sum, entropy_sum, top1, lss = outs
     if reduction == "mean":
         logps = logps / num_tokens.clamp(min=1)

@@ -53,8 +53,21 @@ __all__ = [
 
 #: Every ``loss_type`` TRL 1.16's ``DPOConfig`` accepts (:data:`LOSS_SPECS` has one entry each).
 LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
 )
 #: f-divergence regularisers (f-DPO, arXiv 2309.16240).
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -178,6 +191,7 @@ def wpo_weights(
     ``log Σ_v p_v²`` (``LogProbStats.log_sum_sq_probs_sum``) over the same tokens.
     """
     with torch.no_grad():
+
         def one(logps, lss, n):
             return torch.exp((logps - lss) / n.clamp(min=1).to(logps.dtype))
 
@@ -208,10 +222,9 @@ def ld_logps(per_token_logps: Tensor, mask: Tensor, ld_alpha: float) -> Tensor:
     shared_mask = (pos <= shared) & (mask > 0)
     tail_mask = (pos > shared) & (mask > 0)
     zero = per_token_logps.new_zeros(())
-    return (
-        torch.where(shared_mask, per_token_logps, zero).sum(dim=1)
-        + ld_alpha * torch.where(tail_mask, per_token_logps, zero).sum(dim=1)
-    )
+    return torch.where(shared_mask, per_token_logps, zero).sum(dim=1) + ld_alpha * torch.where(
+        tail_mask, per_token_logps, zero
+    ).sum(dim=1)
 
 
 def _ld_sequence_stats(per_token, ld_alpha: float):
@@ -262,22 +275,25 @@ def _hinge(p: _Pair) -> Tensor:
 
 def _ipo(p: _Pair) -> Tensor:
     """(f'(c)/n_c − f'(r)/n_r − 1/(2β))²   (per-token scores: TRL's length normalisation)"""
-    d = (_per_token(p.c_score, p.chosen_num_tokens)
-         - _per_token(p.r_score, p.rejected_num_tokens))
+    d = _per_token(p.c_score, p.chosen_num_tokens) - _per_token(p.r_score, p.rejected_num_tokens)
     return (d - 1 / (2 * p.beta)) ** 2
 
 
 def _exo_pair(p: _Pair) -> Tensor:
     """σ(x)·(log σ(x) − log(1−ε)) + σ(−x)·(log σ(−x) − log ε), x = β·Δ: KL to [1−ε, ε] (EXO)"""
     x, eps = p.beta * p.delta, p.label_smoothing
-    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
-            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+    return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
+        F.logsigmoid(-x) - math.log(eps)
+    )
 
 
 def _nca_pair(p: _Pair) -> Tensor:
     """−log σ(β·c) − ½·log σ(−β·c) − ½·log σ(−β·r)"""
-    return (-F.logsigmoid(p.beta * p.c) - 0.5 * F.logsigmoid(-p.beta * p.c)
-            - 0.5 * F.logsigmoid(-p.beta * p.r))
+    return (
+        -F.logsigmoid(p.beta * p.c)
+        - 0.5 * F.logsigmoid(-p.beta * p.c)
+        - 0.5 * F.logsigmoid(-p.beta * p.r)
+    )
 
 
 def _robust(p: _Pair) -> Tensor:
@@ -334,8 +350,7 @@ def _sft(p: _Pair) -> Tensor:
 
 def _sigmoid_norm(p: _Pair) -> Tensor:
     """−log σ(β·(f'(c)/n_c − f'(r)/n_r))   (the sigmoid loss on per-token scores)"""
-    d = (_per_token(p.c_score, p.chosen_num_tokens)
-         - _per_token(p.r_score, p.rejected_num_tokens))
+    d = _per_token(p.c_score, p.chosen_num_tokens) - _per_token(p.r_score, p.rejected_num_tokens)
     return -F.logsigmoid(p.beta * d)
 
 
@@ -376,13 +391,25 @@ LOSS_SPECS: dict[str, LossSpec] = {
     "sigmoid": LossSpec(_sigmoid, f_divergence_ok=True, trl_overrides=(("label_smoothing", 0.0),)),
     "hinge": LossSpec(_hinge, f_divergence_ok=True),
     "ipo": LossSpec(_ipo, needs_num_tokens=True, f_divergence_ok=True),
-    "exo_pair": LossSpec(_exo_pair, f_divergence_ok=True, smoothing=_Range(
-        "(0, 1)", lambda eps: eps > 0.0,
-        "log ε appears in the loss; the EXO paper recommends 1e-3")),
+    "exo_pair": LossSpec(
+        _exo_pair,
+        f_divergence_ok=True,
+        smoothing=_Range(
+            "(0, 1)",
+            lambda eps: eps > 0.0,
+            "log ε appears in the loss; the EXO paper recommends 1e-3",
+        ),
+    ),
     "nca_pair": LossSpec(_nca_pair),
-    "robust": LossSpec(_robust, f_divergence_ok=True, smoothing=_Range(
-        "[0, 0.5)", lambda eps: eps < 0.5,
-        "it is the probability that a preference label is flipped")),
+    "robust": LossSpec(
+        _robust,
+        f_divergence_ok=True,
+        smoothing=_Range(
+            "[0, 0.5)",
+            lambda eps: eps < 0.5,
+            "it is the probability that a preference label is flipped",
+        ),
+    ),
     "bco_pair": LossSpec(_bco_pair),
     "sppo_hard": LossSpec(_sppo_hard),
     "aot": LossSpec(_aot),
@@ -503,11 +530,13 @@ def _preference_loss(
         ref_rejected_logps = torch.zeros_like(rejected_logps)
     _check_same("ref_chosen_logps", ref_chosen_logps, chosen_logps)
     _check_same("ref_rejected_logps", ref_rejected_logps, chosen_logps)
-    for name, t in (("chosen_num_tokens", chosen_num_tokens),
-                    ("rejected_num_tokens", rejected_num_tokens),
-                    ("chosen_log_sum_sq_probs", chosen_log_sum_sq_probs),
-                    ("rejected_log_sum_sq_probs", rejected_log_sum_sq_probs),
-                    ("weights", weights)):
+    for name, t in (
+        ("chosen_num_tokens", chosen_num_tokens),
+        ("rejected_num_tokens", rejected_num_tokens),
+        ("chosen_log_sum_sq_probs", chosen_log_sum_sq_probs),
+        ("rejected_log_sum_sq_probs", rejected_log_sum_sq_probs),
+        ("weights", weights),
+    ):
         _check_same(name, t, chosen_logps)
     have_counts = chosen_num_tokens is not None and rejected_num_tokens is not None
     need_counts = [t for t, spec in specs if spec.needs_num_tokens]
@@ -527,17 +556,37 @@ def _preference_loss(
                 "use_weighting=True (WPO) needs chosen_num_tokens, rejected_num_tokens, "
                 "chosen_log_sum_sq_probs and rejected_log_sum_sq_probs"
             )
-        weights = wpo_weights(chosen_logps, rejected_logps, chosen_log_sum_sq_probs,
-                              rejected_log_sum_sq_probs, chosen_num_tokens, rejected_num_tokens)
+        weights = wpo_weights(
+            chosen_logps,
+            rejected_logps,
+            chosen_log_sum_sq_probs,
+            rejected_log_sum_sq_probs,
+            chosen_num_tokens,
+            rejected_num_tokens,
+        )
 
     beta = options.beta
     c = chosen_logps - ref_chosen_logps
     r = rejected_logps - ref_rejected_logps
     c_score = _f_divergence_scores(c, options.f_divergence_type, options.f_alpha_divergence_coef)
     r_score = _f_divergence_scores(r, options.f_divergence_type, options.f_alpha_divergence_coef)
-    pair = _Pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c, r,
-                 c_score, r_score, c_score - r_score, chosen_num_tokens, rejected_num_tokens,
-                 sft_loss, beta, float(options.label_smoothing), options.discopop_tau)
+    pair = _Pair(
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        c,
+        r,
+        c_score,
+        r_score,
+        c_score - r_score,
+        chosen_num_tokens,
+        rejected_num_tokens,
+        sft_loss,
+        beta,
+        float(options.label_smoothing),
+        options.discopop_tau,
+    )
     total = None
     for (_, spec), w in zip(specs, options.loss_weights):
         quirks = options.trl and spec.trl_overrides
@@ -597,15 +646,29 @@ def preference_loss(
     uses.
     """
     options = PreferenceOptions(
-        loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-        loss_weights=loss_weights, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        loss_weights=loss_weights,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau,
+    )
     return _preference_loss(
-        options, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        reference_free=reference_free, chosen_num_tokens=chosen_num_tokens,
-        rejected_num_tokens=rejected_num_tokens, sft_loss=sft_loss, use_weighting=use_weighting,
+        options,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        reference_free=reference_free,
+        chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens,
+        sft_loss=sft_loss,
+        use_weighting=use_weighting,
         chosen_log_sum_sq_probs=chosen_log_sum_sq_probs,
-        rejected_log_sum_sq_probs=rejected_log_sum_sq_probs, weights=weights)
+        rejected_log_sum_sq_probs=rejected_log_sum_sq_probs,
+        weights=weights,
+    )
 
 
 # ----------------------------------------------------------------------------- SimPO
@@ -624,8 +687,9 @@ class SimPOOptions:
         _check_label_smoothing(self.label_smoothing)
 
 
-def _simpo_loss(options: SimPOOptions, chosen_avg_logps: Tensor,
-                rejected_avg_logps: Tensor) -> PreferenceLossOutput:
+def _simpo_loss(
+    options: SimPOOptions, chosen_avg_logps: Tensor, rejected_avg_logps: Tensor
+) -> PreferenceLossOutput:
     _check_pair("chosen_avg_logps", chosen_avg_logps, "rejected_avg_logps", rejected_avg_logps)
     beta = options.beta
     x = beta * (chosen_avg_logps - rejected_avg_logps) - options.gamma
@@ -680,7 +744,10 @@ def _cpo_simpo(d: Tensor, o: CPOOptions) -> Tensor:
 
 # CPO's loss types on d = chosen − rejected (policy only), as TRL's CPOTrainer.cpo_loss.
 _CPO_LOSSES: dict[str, Callable[[Tensor, CPOOptions], Tensor]] = {
-    "sigmoid": _cpo_sigmoid, "hinge": _cpo_hinge, "ipo": _cpo_ipo, "simpo": _cpo_simpo,
+    "sigmoid": _cpo_sigmoid,
+    "hinge": _cpo_hinge,
+    "ipo": _cpo_ipo,
+    "simpo": _cpo_simpo,
 }
 CPO_LOSS_TYPES = tuple(_CPO_LOSSES)
 
@@ -700,12 +767,14 @@ class CPOOptions:
         _check_label_smoothing(self.label_smoothing)
 
 
-def _cpo_loss(options: CPOOptions, chosen_logps: Tensor,
-              rejected_logps: Tensor) -> PreferenceLossOutput:
+def _cpo_loss(
+    options: CPOOptions, chosen_logps: Tensor, rejected_logps: Tensor
+) -> PreferenceLossOutput:
     _check_pair("chosen_logps", chosen_logps, "rejected_logps", rejected_logps)
     losses = _CPO_LOSSES[options.loss_type](chosen_logps - rejected_logps, options)
-    return PreferenceLossOutput(losses, (options.beta * chosen_logps).detach(),
-                                (options.beta * rejected_logps).detach())
+    return PreferenceLossOutput(
+        losses, (options.beta * chosen_logps).detach(), (options.beta * rejected_logps).detach()
+    )
 
 
 def cpo_loss(
@@ -724,8 +793,9 @@ def cpo_loss(
     ``ipo``: (d − 1/(2β))²; ``simpo`` (CPO-SimPO): the sigmoid loss on ``β·d − simpo_gamma``.
     The full CPO loss adds ``alpha ·`` NLL of the chosen completion (see the module).
     """
-    options = CPOOptions(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
-                         simpo_gamma=simpo_gamma)
+    options = CPOOptions(
+        beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, simpo_gamma=simpo_gamma
+    )
     return _cpo_loss(options, chosen_logps, rejected_logps)
 
 
@@ -754,12 +824,14 @@ class ORPOOptions:
         _check_beta(self.beta)
 
 
-def _orpo_loss(options: ORPOOptions, chosen_logps: Tensor, rejected_logps: Tensor
-               ) -> ORPOLossOutput:
+def _orpo_loss(
+    options: ORPOOptions, chosen_logps: Tensor, rejected_logps: Tensor
+) -> ORPOLossOutput:
     _check_pair("chosen_logps", chosen_logps, "rejected_logps", rejected_logps)
     beta = options.beta
-    log_odds = (chosen_logps - rejected_logps) - (_log1mexp(chosen_logps)
-                                                  - _log1mexp(rejected_logps))
+    log_odds = (chosen_logps - rejected_logps) - (
+        _log1mexp(chosen_logps) - _log1mexp(rejected_logps)
+    )
     ratio = F.logsigmoid(log_odds)
     return ORPOLossOutput(
         -beta * ratio,
@@ -796,8 +868,9 @@ class KTOLossOutput(NamedTuple):
 
 def _kto(x: Tensor, z: Tensor, desirable: Tensor, beta: float) -> Tensor:
     """desirable: 1 − σ(β·(x − z)); undesirable: 1 − σ(β·(z − x))"""
-    return torch.where(desirable, 1 - torch.sigmoid(beta * (x - z)),
-                       1 - torch.sigmoid(beta * (z - x)))
+    return torch.where(
+        desirable, 1 - torch.sigmoid(beta * (x - z)), 1 - torch.sigmoid(beta * (z - x))
+    )
 
 
 def _apo_zero_unpaired(x: Tensor, z: Tensor, desirable: Tensor, beta: float) -> Tensor:
@@ -807,7 +880,8 @@ def _apo_zero_unpaired(x: Tensor, z: Tensor, desirable: Tensor, beta: float) -> 
 
 # KTO's loss types on x = policy − reference log-probs and the KL estimate z, as TRL's KTOTrainer.
 _KTO_LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, float], Tensor]] = {
-    "kto": _kto, "apo_zero_unpaired": _apo_zero_unpaired,
+    "kto": _kto,
+    "apo_zero_unpaired": _apo_zero_unpaired,
 }
 KTO_LOSS_TYPES = tuple(_KTO_LOSSES)
 
@@ -833,8 +907,13 @@ def kto_kl(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     return (policy_kl_logps - ref_kl_logps).detach().mean().clamp(min=0)
 
 
-def _kto_loss(options: KTOOptions, logps: Tensor, ref_logps: Optional[Tensor],
-              preference_labels: Tensor, kl: Optional[Tensor] = None) -> KTOLossOutput:
+def _kto_loss(
+    options: KTOOptions,
+    logps: Tensor,
+    ref_logps: Optional[Tensor],
+    preference_labels: Tensor,
+    kl: Optional[Tensor] = None,
+) -> KTOLossOutput:
     if not isinstance(logps, Tensor) or logps.dim() != 1:
         raise ValueError("logps must be a 1-D tensor (one value per example)")
     _check_same("ref_logps", ref_logps, logps)
@@ -846,8 +925,11 @@ def _kto_loss(options: KTOOptions, logps: Tensor, ref_logps: Optional[Tensor],
     x = logps if ref_logps is None else logps - ref_logps
     z = torch.zeros((), dtype=x.dtype, device=x.device) if kl is None else kl.detach().to(x.dtype)
     losses = _KTO_LOSSES[options.loss_type](x, z, desirable, options.beta)
-    scale = torch.where(desirable, losses.new_tensor(options.desirable_weight),
-                        losses.new_tensor(options.undesirable_weight))  # in the loss dtype
+    scale = torch.where(
+        desirable,
+        losses.new_tensor(options.desirable_weight),
+        losses.new_tensor(options.undesirable_weight),
+    )  # in the loss dtype
     return KTOLossOutput(losses * scale, (options.beta * x).detach(), z)
 
 
@@ -869,6 +951,10 @@ def kto_loss(
     ``apo_zero_unpaired``: ``1 − σ(β·x)`` and ``σ(β·x)`` (no KL). ``kl`` may be a tensor (e.g.
     from :func:`kto_kl`) or None.
     """
-    options = KTOOptions(beta=beta, desirable_weight=desirable_weight,
-                         undesirable_weight=undesirable_weight, loss_type=loss_type)
+    options = KTOOptions(
+        beta=beta,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+        loss_type=loss_type,
+    )
     return _kto_loss(options, logps, ref_logps, preference_labels, kl)

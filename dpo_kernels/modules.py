@@ -150,36 +150,63 @@ def _check_inputs(name_input, _input, name_weight, weight, target, paired: bool)
         )
 
 
-def _sequence_pass(hidden, weight, target, bias, *, ignore_index, average_log_prob,
-                   ld_alpha=None, backend="auto") -> _Pass:
+def _sequence_pass(
+    hidden, weight, target, bias, *, ignore_index, average_log_prob, ld_alpha=None, backend="auto"
+) -> _Pass:
     if ld_alpha is None:
-        st = linear_logprobs(hidden, weight, target, bias, ignore_index=ignore_index,
-                             return_stats=True, backend=backend)
+        st = linear_logprobs(
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index=ignore_index,
+            return_stats=True,
+            backend=backend,
+        )
         sums, num = st.logps, st.num_tokens
         logps, stats = sums, st
     else:  # LD-DPO needs per-token log-probs to split shared and tail tokens
-        st = linear_logprobs(hidden, weight, target, bias, ignore_index=ignore_index,
-                             reduction="none", return_stats=True, backend=backend)
+        st = linear_logprobs(
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index=ignore_index,
+            reduction="none",
+            return_stats=True,
+            backend=backend,
+        )
         logps, stats = _ld_sequence_stats(st, ld_alpha)
         sums, num = stats.logps, stats.num_tokens
     if average_log_prob:
         logps = logps / num.clamp(min=1).to(logps.dtype)
-    return _Pass(logps, sums, num, stats.logits_sum, stats.entropy_sum, stats.top1_correct,
-                 stats.log_sum_sq_probs_sum)
+    return _Pass(
+        logps,
+        sums,
+        num,
+        stats.logits_sum,
+        stats.entropy_sum,
+        stats.top1_correct,
+        stats.log_sum_sq_probs_sum,
+    )
 
 
-def _all_positions_logits_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                              seq_weights: Optional[Tensor] = None) -> Tensor:
+def _all_positions_logits_sum(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], seq_weights: Optional[Tensor] = None
+) -> Tensor:
     """Σ over every position and vocab entry of h·Wᵀ + b, ignored positions included (what Liger
     reports), in O((N + V)·D) by linearity: (Σ_rows h)·(Σ_v W_v) + rows·Σ_v b_v, accumulated in
     fp32 without an fp32 copy of ``weight``. ``seq_weights (B,)`` weights each sequence (0/1
     selects sequences without a host sync). Returns ``(len(seq_weights or [1]),)`` sums."""
     with torch.no_grad():
         per_seq = hidden.sum(dim=1, dtype=torch.float32)  # (B, D)
-        w_sum = weight.sum(dim=0, dtype=torch.float32)    # (D,)
+        w_sum = weight.sum(dim=0, dtype=torch.float32)  # (D,)
         b_sum = bias.sum(dtype=torch.float32) if bias is not None else 0.0
-        weights = (torch.ones(1, hidden.shape[0], device=hidden.device) if seq_weights is None
-                   else seq_weights.float().reshape(-1, hidden.shape[0]))
+        weights = (
+            torch.ones(1, hidden.shape[0], device=hidden.device)
+            if seq_weights is None
+            else seq_weights.float().reshape(-1, hidden.shape[0])
+        )
         return (weights @ per_seq) @ w_sum + weights.sum(dim=1) * hidden.shape[1] * b_sum
 
 
@@ -187,8 +214,9 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return num.sum().float() / den.sum().clamp(min=1).float()
 
 
-def _pair_metrics(chosen: _Pass, rejected: _Pass, chosen_rewards, rejected_rewards,
-                  nll) -> dict[str, Tensor]:
+def _pair_metrics(
+    chosen: _Pass, rejected: _Pass, chosen_rewards, rejected_rewards, nll
+) -> dict[str, Tensor]:
     """TRL's DPOTrainer metrics for one batch, from the policy pass's statistics."""
     with torch.no_grad():
         return {
@@ -209,8 +237,10 @@ def _pair_metrics(chosen: _Pass, rejected: _Pass, chosen_rewards, rejected_rewar
 
 def _from_options(name: str) -> property:
     """A read-only attribute that reads ``self.options.<name>`` (Liger's attribute names)."""
-    return property(lambda self: getattr(self.options, name),
-                    doc=f"``options.{name}`` (read-only: build a new module to change it)")
+    return property(
+        lambda self: getattr(self.options, name),
+        doc=f"``options.{name}`` (read-only: build a new module to change it)",
+    )
 
 
 def _split(p: _Pass):
@@ -223,9 +253,16 @@ class _PairedBase(nn.Module):
 
     def _policy(self, weight, _input, target, bias, average_log_prob, ld_alpha=None):
         _check_inputs("_input", _input, "lin_weight", weight, target, paired=True)
-        p = _sequence_pass(_input, weight, target, bias, ignore_index=self.ignore_index,
-                           average_log_prob=average_log_prob, ld_alpha=ld_alpha,
-                           backend=self.backend)
+        p = _sequence_pass(
+            _input,
+            weight,
+            target,
+            bias,
+            ignore_index=self.ignore_index,
+            average_log_prob=average_log_prob,
+            ld_alpha=ld_alpha,
+            backend=self.backend,
+        )
         chosen, rejected = _split(p)
         nll = mean_nll(chosen.sums, chosen.num_tokens)
         half = _input.shape[0] // 2
@@ -244,8 +281,16 @@ class _PairedBase(nn.Module):
         metrics = _pair_metrics(chosen, rejected, out.chosen_rewards, out.rejected_rewards, nll)
         # Liger reports 0 when the NLL term is off; the metrics always have the real value.
         reported_nll = nll.detach() if self.compute_nll_loss else torch.zeros_like(nll).detach()
-        fields = (chosen.logps.detach(), rejected.logps.detach(), c_mean, r_mean, reported_nll,
-                  out.chosen_rewards, out.rejected_rewards, *extra)
+        fields = (
+            chosen.logps.detach(),
+            rejected.logps.detach(),
+            c_mean,
+            r_mean,
+            reported_nll,
+            out.chosen_rewards,
+            out.rejected_rewards,
+            *extra,
+        )
         return loss, _with_metrics(cls or PreferenceOutputs, fields, metrics)
 
 
@@ -308,9 +353,14 @@ class FusedLinearDPOLoss(_PairedBase):
     ):
         super().__init__()
         self.options = PreferenceOptions(
-            loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-            loss_weights=loss_weights, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
+            loss_type=loss_type,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            loss_weights=loss_weights,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau,
+        )
         if ld_alpha is not None:
             _check_ld_alpha(ld_alpha)
         self.ignore_index = ignore_index
@@ -324,13 +374,16 @@ class FusedLinearDPOLoss(_PairedBase):
         self.ld_alpha = ld_alpha
         self.backend = backend
 
-    def _reference(self, target, ref_input, ref_weight, ref_bias, ref_chosen_logps,
-                   ref_rejected_logps, half):
+    def _reference(
+        self, target, ref_input, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps, half
+    ):
         if (ref_chosen_logps is None) != (ref_rejected_logps is None):
             raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
         if ref_chosen_logps is not None:
-            for name, t in (("ref_chosen_logps", ref_chosen_logps),
-                            ("ref_rejected_logps", ref_rejected_logps)):
+            for name, t in (
+                ("ref_chosen_logps", ref_chosen_logps),
+                ("ref_rejected_logps", ref_rejected_logps),
+            ):
                 if not isinstance(t, Tensor) or tuple(t.shape) != (half,):
                     shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                     raise ValueError(
@@ -347,27 +400,58 @@ class FusedLinearDPOLoss(_PairedBase):
             )
         _check_inputs("ref_input", ref_input, "ref_weight", ref_weight, target, paired=True)
         with torch.no_grad():
-            ref = _sequence_pass(ref_input, ref_weight, target, ref_bias,
-                                 ignore_index=self.ignore_index,
-                                 average_log_prob=self.average_log_prob, ld_alpha=self.ld_alpha,
-                                 backend=self.backend)
+            ref = _sequence_pass(
+                ref_input,
+                ref_weight,
+                target,
+                ref_bias,
+                ignore_index=self.ignore_index,
+                average_log_prob=self.average_log_prob,
+                ld_alpha=self.ld_alpha,
+                backend=self.backend,
+            )
         return ref.logps[:half], ref.logps[half:]
 
-    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None,
-                ref_bias=None, ref_chosen_logps=None, ref_rejected_logps=None):
+    def forward(
+        self,
+        lin_weight,
+        _input,
+        target,
+        bias=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        ref_chosen_logps=None,
+        ref_rejected_logps=None,
+    ):
         chosen, rejected, nll, c_mean, r_mean = self._policy(
-            lin_weight, _input, target, bias, self.average_log_prob, self.ld_alpha)
+            lin_weight, _input, target, bias, self.average_log_prob, self.ld_alpha
+        )
         half = _input.shape[0] // 2
-        ref_c, ref_r = self._reference(target, ref_input, ref_weight, ref_bias, ref_chosen_logps,
-                                       ref_rejected_logps, half)
+        ref_c, ref_r = self._reference(
+            target, ref_input, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps, half
+        )
         weights = None
         if self.use_weighting:  # WPO weights from the plain sums, as TRL
-            weights = wpo_weights(chosen.sums, rejected.sums, chosen.lss, rejected.lss,
-                                  chosen.num_tokens, rejected.num_tokens)
+            weights = wpo_weights(
+                chosen.sums,
+                rejected.sums,
+                chosen.lss,
+                rejected.lss,
+                chosen.num_tokens,
+                rejected.num_tokens,
+            )
         out = _preference_loss(
-            self.options, chosen.logps, rejected.logps, ref_c, ref_r,
-            reference_free=ref_c is None, chosen_num_tokens=chosen.num_tokens,
-            rejected_num_tokens=rejected.num_tokens, sft_loss=nll, weights=weights,
+            self.options,
+            chosen.logps,
+            rejected.logps,
+            ref_c,
+            ref_r,
+            reference_free=ref_c is None,
+            chosen_num_tokens=chosen.num_tokens,
+            rejected_num_tokens=rejected.num_tokens,
+            sft_loss=nll,
+            weights=weights,
         )
         return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
 
@@ -388,10 +472,19 @@ class FusedLinearSimPOLoss(_PairedBase):
     gamma = _from_options("gamma")
     label_smoothing = _from_options("label_smoothing")
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
-                 label_smoothing: float = 0.0, compute_nll_loss: bool = True,
-                 compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1, *,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        gamma: float = 0.5,
+        chunk_size: int = 1,
+        *,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.options = SimPOOptions(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
         self.ignore_index = ignore_index
@@ -422,13 +515,25 @@ class FusedLinearCPOLoss(_PairedBase):
     loss_type = _from_options("loss_type")
     simpo_gamma = _from_options("simpo_gamma")
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
-                 label_smoothing: float = 0.0, compute_nll_loss: bool = True,
-                 compiled: bool = True, average_log_prob: bool = False, chunk_size: int = 1, *,
-                 loss_type: str = "sigmoid", simpo_gamma: float = 0.5, backend: str = "auto"):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        *,
+        loss_type: str = "sigmoid",
+        simpo_gamma: float = 0.5,
+        backend: str = "auto",
+    ):
         super().__init__()
-        self.options = CPOOptions(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
-                                  simpo_gamma=simpo_gamma)
+        self.options = CPOOptions(
+            beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, simpo_gamma=simpo_gamma
+        )
         self.ignore_index = ignore_index
         self.alpha = alpha
         self.compute_nll_loss = compute_nll_loss
@@ -439,7 +544,8 @@ class FusedLinearCPOLoss(_PairedBase):
 
     def forward(self, lin_weight, _input, target, bias=None):
         chosen, rejected, nll, c_mean, r_mean = self._policy(
-            lin_weight, _input, target, bias, self.average_log_prob)
+            lin_weight, _input, target, bias, self.average_log_prob
+        )
         out = _cpo_loss(self.options, chosen.logps, rejected.logps)
         return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
 
@@ -460,9 +566,16 @@ class FusedLinearORPOLoss(_PairedBase):
 
     beta = _from_options("beta")
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1,
-                 compute_nll_loss: bool = True, compiled: bool = True, chunk_size: int = 1, *,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        chunk_size: int = 1,
+        *,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.options = ORPOOptions(beta=beta)
         self.ignore_index = ignore_index
@@ -481,13 +594,27 @@ class FusedLinearORPOLoss(_PairedBase):
                     f"{tuple(nll_target.shape) if isinstance(nll_target, Tensor) else nll_target}"
                 )
             half = _input.shape[0] // 2
-            st = linear_logprobs(_input[:half], lin_weight, nll_target[:half], bias,
-                                 ignore_index=self.ignore_index, return_stats=True,
-                                 backend=self.backend)
+            st = linear_logprobs(
+                _input[:half],
+                lin_weight,
+                nll_target[:half],
+                bias,
+                ignore_index=self.ignore_index,
+                return_stats=True,
+                backend=self.backend,
+            )
             nll = mean_nll(st.logps, st.num_tokens)
         out = _orpo_loss(self.options, chosen.logps, rejected.logps)
-        loss, outputs = self._finish(out, chosen, rejected, nll, c_mean, r_mean, ORPOOutputs,
-                                     (out.log_odds_ratio, out.log_odds_chosen))
+        loss, outputs = self._finish(
+            out,
+            chosen,
+            rejected,
+            nll,
+            c_mean,
+            r_mean,
+            ORPOOutputs,
+            (out.log_odds_ratio, out.log_odds_chosen),
+        )
         outputs.metrics["log_odds_ratio"] = out.log_odds_ratio.float()
         outputs.metrics["log_odds_chosen"] = out.log_odds_chosen.float()
         return loss, outputs
@@ -519,14 +646,27 @@ class FusedLinearKTOLoss(nn.Module):
     undesirable_weight = _from_options("undesirable_weight")
     loss_type = _from_options("loss_type")
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
-                 use_ref_model: bool = False, average_log_prob: bool = False,
-                 chunk_size: int = 1, *, desirable_weight: float = 1.0,
-                 undesirable_weight: float = 1.0, loss_type: str = "kto",
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        compiled: bool = True,
+        use_ref_model: bool = False,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        *,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        loss_type: str = "kto",
+        backend: str = "auto",
+    ):
         super().__init__()
-        self.options = KTOOptions(beta=beta, desirable_weight=desirable_weight,
-                                  undesirable_weight=undesirable_weight, loss_type=loss_type)
+        self.options = KTOOptions(
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+            loss_type=loss_type,
+        )
         self.ignore_index = ignore_index
         self.compiled = compiled
         self.use_ref_model = use_ref_model
@@ -535,12 +675,33 @@ class FusedLinearKTOLoss(nn.Module):
         self.backend = backend
 
     def _pass(self, _input, weight, target, bias):
-        return _sequence_pass(_input, weight, target, bias, ignore_index=self.ignore_index,
-                              average_log_prob=self.average_log_prob, backend=self.backend)
+        return _sequence_pass(
+            _input,
+            weight,
+            target,
+            bias,
+            ignore_index=self.ignore_index,
+            average_log_prob=self.average_log_prob,
+            backend=self.backend,
+        )
 
-    def forward(self, _input, lin_weight, target, bias=None, preference_labels=None,
-                ref_input=None, ref_weight=None, ref_bias=None, kl=None, *, ref_logps=None,
-                kl_input=None, kl_target=None, ref_kl_input=None):
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        target,
+        bias=None,
+        preference_labels=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        kl=None,
+        *,
+        ref_logps=None,
+        kl_input=None,
+        kl_target=None,
+        ref_kl_input=None,
+    ):
         _check_inputs("_input", _input, "lin_weight", lin_weight, target, paired=False)
         n = _input.shape[0]
         if not isinstance(preference_labels, Tensor) or tuple(preference_labels.shape) != (n,):
@@ -579,9 +740,11 @@ class FusedLinearKTOLoss(nn.Module):
             d = labels.to(pol.logps.dtype)
             u = 1 - d
             fields = (
-                (pol.logps * d).sum(), (pol.logps * u).sum(),
+                (pol.logps * d).sum(),
+                (pol.logps * u).sum(),
                 *_all_positions_logits_sum(_input, lin_weight, bias, torch.stack([d, u])),
-                (out.rewards * d).sum(), (out.rewards * u).sum(),
+                (out.rewards * d).sum(),
+                (out.rewards * u).sum(),
             )
             nd, nu = d.sum().clamp(min=1), u.sum().clamp(min=1)
             metrics = {

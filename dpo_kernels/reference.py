@@ -84,8 +84,9 @@ class TorchBackend(Backend):
         weight_c = weight.to(acc)
         bias_c = None if bias is None else bias.to(acc)
         d_hidden = torch.zeros_like(hidden) if needs.hidden else None
-        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs.weight \
-            else None
+        d_weight = (
+            torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs.weight else None
+        )
         d_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if needs.bias else None
         safe_labels = labels.clamp(0, vocab - 1)
         n = rows.shape[0]

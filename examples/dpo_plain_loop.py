@@ -35,12 +35,15 @@ def make_batch(n_pairs: int, vocab: int, gen: torch.Generator):
     Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on completion tokens).
     """
     rows, completion = [], []
-    prompts = [torch.randint(1, vocab, (int(torch.randint(3, 9, (1,), generator=gen)),),
-                             generator=gen) for _ in range(n_pairs)]
+    prompts = [
+        torch.randint(1, vocab, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen)
+        for _ in range(n_pairs)
+    ]
     for _half in ("chosen", "rejected"):
         for prompt in prompts:
-            answer = torch.randint(1, vocab, (int(torch.randint(2, 7, (1,), generator=gen)),),
-                                   generator=gen)
+            answer = torch.randint(
+                1, vocab, (int(torch.randint(2, 7, (1,), generator=gen)),), generator=gen
+            )
             rows.append(torch.cat([prompt, answer]))
             completion.append(torch.cat([torch.zeros_like(prompt), torch.ones_like(answer)]))
     T = max(len(r) for r in rows)
@@ -70,9 +73,16 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
 
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, pad_token_id=PAD)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+    )
     policy = LlamaForCausalLM(config)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen initial copy
 
@@ -89,9 +99,14 @@ def main(argv=None) -> dict:
         # Liger's return: loss, (chosen_logps, rejected_logps, ..., chosen_rewards,
         # rejected_rewards), the tuple also carrying ``.metrics``.
         loss, outputs = loss_fn(
-            policy.lm_head.weight, hidden, labels, policy.lm_head.bias,
-            ref_input=ref_hidden, ref_weight=reference.lm_head.weight,
-            ref_bias=reference.lm_head.bias)
+            policy.lm_head.weight,
+            hidden,
+            labels,
+            policy.lm_head.bias,
+            ref_input=ref_hidden,
+            ref_weight=reference.lm_head.weight,
+            ref_bias=reference.lm_head.bias,
+        )
         chosen_logps, rejected_logps = outputs[:2]
         optimizer.zero_grad()
         loss.backward()
@@ -99,12 +114,14 @@ def main(argv=None) -> dict:
 
         m = {k: v.item() for k, v in outputs.metrics.items()}  # detached 0-d tensors, TRL's names
         history.append({"loss": loss.item(), **m})
-        print(f"step {step:3d}  loss {loss.item():.4f}  "
-              f"rewards/chosen {m['rewards/chosen']:+.3f}  "
-              f"rewards/rejected {m['rewards/rejected']:+.3f}  "
-              f"rewards/accuracies {m['rewards/accuracies']:.2f}  "
-              f"logps/chosen {chosen_logps.mean().item():.1f}  "
-              f"logps/rejected {rejected_logps.mean().item():.1f}")
+        print(
+            f"step {step:3d}  loss {loss.item():.4f}  "
+            f"rewards/chosen {m['rewards/chosen']:+.3f}  "
+            f"rewards/rejected {m['rewards/rejected']:+.3f}  "
+            f"rewards/accuracies {m['rewards/accuracies']:.2f}  "
+            f"logps/chosen {chosen_logps.mean().item():.1f}  "
+            f"logps/rejected {rejected_logps.mean().item():.1f}"
+        )
     return {"history": history}
 
 

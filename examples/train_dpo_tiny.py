@@ -95,8 +95,13 @@ def build_tokenizer(max_operand: int) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = WhitespaceSplit()  # "12 + 7 = 19<eos>": special tokens split first
     # TRL's DPOTrainer documents padding_side="left" for its processing class (its collator pads
     # the training batches on the right itself); the evaluation below pads by hand.
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                   eos_token="<eos>", unk_token="<unk>", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
 
 
 def make_splits(max_operand: int, seed: int):
@@ -108,9 +113,11 @@ def make_splits(max_operand: int, seed: int):
     n_held = min(len(problems) // 5, 150)
 
     def pairs(part):
-        return {"prompt": [f"{a} + {b} =" for a, b in part],
-                "chosen": [f" {a + b}" for a, b in part],  # right
-                "rejected": [f" {a + b + 1}" for a, b in part]}  # one too high
+        return {
+            "prompt": [f"{a} + {b} =" for a, b in part],
+            "chosen": [f" {a + b}" for a, b in part],  # right
+            "rejected": [f" {a + b + 1}" for a, b in part],
+        }  # one too high
 
     train, held = pairs(problems[n_held:]), pairs(problems[:n_held])
     # The careless teacher: each training problem twice, answered right and one too high.
@@ -145,10 +152,16 @@ def build_model(tok, vocab_size: int, seed: int) -> LlamaForCausalLM:
     tables, but the LM head computes their logits like any others."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=max(vocab_size, len(tok)), hidden_size=64, intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=16, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=None,
+        vocab_size=max(vocab_size, len(tok)),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=16,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
     )
     return LlamaForCausalLM(config)
 
@@ -198,9 +211,11 @@ def evaluate(policy, reference, tok, rows, beta: float) -> dict:
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
     wins = (chosen_rewards > rejected_rewards).float()
     ties = (chosen_rewards == rejected_rewards).float()
-    return {"reward_accuracy": (wins + 0.5 * ties).mean().item(),
-            "logp_margin": (pc - pr).mean().item(),
-            "answer_accuracy": top1.float().mean().item()}
+    return {
+        "reward_accuracy": (wins + 0.5 * ties).mean().item(),
+        "logp_margin": (pc - pr).mean().item(),
+        "answer_accuracy": top1.float().mean().item(),
+    }
 
 
 # ----------------------------------------------------------------------------- DPO (worker)
@@ -228,8 +243,11 @@ def run_dpo(trainer_cls, init_dir: str, tok, train_rows, held_rows, opts: dict) 
     ref_model = LlamaForCausalLM.from_pretrained(init_dir)  # frozen copy of the starting point
     # TRL turns checkpointing on by default; this model is too small to need it.
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
-    no_ckpt = ("activation_checkpointing" if "activation_checkpointing" in fields
-               else "gradient_checkpointing")
+    no_ckpt = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
     rpo = opts["rpo_alpha"] > 0
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="dpo_tiny_"),
@@ -255,9 +273,14 @@ def run_dpo(trainer_cls, init_dir: str, tok, train_rows, held_rows, opts: dict) 
         precompute_ref_log_probs=False,
     )
     timer = StepTimer()
-    trainer = trainer_cls(model=model, ref_model=ref_model, args=config,
-                          train_dataset=Dataset.from_dict(train_rows), processing_class=tok,
-                          callbacks=[timer])
+    trainer = trainer_cls(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=Dataset.from_dict(train_rows),
+        processing_class=tok,
+        callbacks=[timer],
+    )
     meter = PeakMeter(cuda=False)  # VmHWM reset here; the peak above the RSS at this point
     start = time.perf_counter()
     trainer.train()
@@ -279,21 +302,30 @@ def worker(spec_path: str) -> None:
     torch.set_num_threads(spec["opts"]["threads"])
     cls = dpo_trainer_class(spec["which"])
     tok = build_tokenizer(spec["opts"]["max_operand"])
-    out = run_dpo(cls, spec["init_dir"], tok, spec["train_rows"], spec["held_rows"],
-                  spec["opts"])
+    out = run_dpo(cls, spec["init_dir"], tok, spec["train_rows"], spec["held_rows"], spec["opts"])
     Path(spec_path + ".out").write_text(json.dumps(out))
 
 
 def run_in_subprocess(which: str, init_dir: str, train_rows, held_rows, opts, tmp) -> dict:
     spec_path = os.path.join(tmp, f"{which}.json")
-    Path(spec_path).write_text(json.dumps(dict(which=which, init_dir=init_dir, opts=opts,
-                                               train_rows=train_rows, held_rows=held_rows)))
+    Path(spec_path).write_text(
+        json.dumps(
+            dict(
+                which=which,
+                init_dir=init_dir,
+                opts=opts,
+                train_rows=train_rows,
+                held_rows=held_rows,
+            )
+        )
+    )
     env = dict(os.environ)
     # The child imports what this process imports (e.g. an uninstalled checkout of dpo_kernels).
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec_path],
-                   env=env, check=True)
+    subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", spec_path], env=env, check=True
+    )
     return json.loads(Path(spec_path + ".out").read_text())
 
 
@@ -310,8 +342,9 @@ def main(argv=None) -> dict:
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--dpo-lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--rpo-alpha", type=float, default=1.0,
-                   help="weight of the chosen-NLL term (0: plain DPO)")
+    p.add_argument(
+        "--rpo-alpha", type=float, default=1.0, help="weight of the chosen-NLL term (0: plain DPO)"
+    )
     p.add_argument("--vocab-size", type=int, default=32000, help="rows of the LM head")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
@@ -327,22 +360,32 @@ def main(argv=None) -> dict:
     for key in opts:
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
-    opts.update(dpo_lr=args.dpo_lr, beta=args.beta, rpo_alpha=args.rpo_alpha, seed=args.seed,
-                threads=args.threads)
+    opts.update(
+        dpo_lr=args.dpo_lr,
+        beta=args.beta,
+        rpo_alpha=args.rpo_alpha,
+        seed=args.seed,
+        threads=args.threads,
+    )
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
     tok = build_tokenizer(opts["max_operand"])
     sft_rows, train_rows, held_rows = make_splits(opts["max_operand"], args.seed)
     n_held = len(held_rows["prompt"])
-    print(f"{len(train_rows['prompt'])} training problems, {n_held} held out; a pair: "
-          f"{train_rows['prompt'][0]!r} chosen {train_rows['chosen'][0]!r} rejected "
-          f"{train_rows['rejected'][0]!r}")
+    print(
+        f"{len(train_rows['prompt'])} training problems, {n_held} held out; a pair: "
+        f"{train_rows['prompt'][0]!r} chosen {train_rows['chosen'][0]!r} rejected "
+        f"{train_rows['rejected'][0]!r}"
+    )
 
     model = build_model(tok, args.vocab_size, args.seed)
-    print(f"SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama "
-          f"(LM head {model.config.vocab_size} x {model.config.hidden_size}) on the careless "
-          f"teacher's answers:", flush=True)
+    print(
+        f"SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama "
+        f"(LM head {model.config.vocab_size} x {model.config.hidden_size}) on the careless "
+        f"teacher's answers:",
+        flush=True,
+    )
     sft(model, tok, sft_rows, opts["sft_steps"], args.sft_lr, 64, args.seed)
     before = evaluate(model, model, tok, held_rows, args.beta)
 
@@ -352,22 +395,29 @@ def main(argv=None) -> dict:
         model.save_pretrained(init_dir)
         for which in ("dpo_kernels", "trl")[: 1 if args.no_compare else 2]:
             name = "dpo_kernels.integrations.trl" if which == "dpo_kernels" else "trl"
-            print(f"\nDPO with {name}.DPOTrainer, {opts['dpo_steps']} steps of "
-                  f"{opts['batch_size']} pairs (in a fresh process):", flush=True)
+            print(
+                f"\nDPO with {name}.DPOTrainer, {opts['dpo_steps']} steps of "
+                f"{opts['batch_size']} pairs (in a fresh process):",
+                flush=True,
+            )
             runs[which] = run_in_subprocess(which, init_dir, train_rows, held_rows, opts, tmp)
     after = {k: runs["dpo_kernels"][k] for k in before}
     total_s = time.perf_counter() - t_start
 
     print(f"\nHeld-out problems ({n_held})        before DPO   after DPO")
-    for key, name in (("reward_accuracy", "reward accuracy"),
-                      ("logp_margin", "log-prob margin (nats)"),
-                      ("answer_accuracy", "answer accuracy")):
+    for key, name in (
+        ("reward_accuracy", "reward accuracy"),
+        ("logp_margin", "log-prob margin (nats)"),
+        ("answer_accuracy", "answer accuracy"),
+    ):
         print(f"  {name:<30} {before[key]:10.3f}  {after[key]:10.3f}")
     print("\nDPO run                  median step   peak RSS above   held-out reward accuracy")
     print("                              (ms)     train() start (MB)")
     for which, r in runs.items():
-        print(f"  {which:<22} {r['median_step_ms']:10.1f}   {r['peak_rss_delta_mb']:14.1f}"
-              f"   {r['reward_accuracy']:14.3f}")
+        print(
+            f"  {which:<22} {r['median_step_ms']:10.1f}   {r['peak_rss_delta_mb']:14.1f}"
+            f"   {r['reward_accuracy']:14.3f}"
+        )
     print(f"\ntotal {total_s:.0f} s")
     result = {"before": before, "after": after, "runs": runs, "opts": opts, "total_s": total_s}
     if args.json:
@@ -377,11 +427,14 @@ def main(argv=None) -> dict:
         from dpo_kernels.bench.suite import device_name
 
         given = sys.argv[1:] if argv is None else list(argv)
-        meta = {"command": " ".join(["python", "examples/train_dpo_tiny.py", *given]),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "device": device_name("cpu"),
-                "torch": torch.__version__, "trl": trl.__version__,
-                "transformers": transformers.__version__}
+        meta = {
+            "command": " ".join(["python", "examples/train_dpo_tiny.py", *given]),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "device": device_name("cpu"),
+            "torch": torch.__version__,
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+        }
         Path(args.json).write_text(json.dumps({**meta, **result}, indent=1) + "\n")
     return result
 

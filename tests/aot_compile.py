@@ -42,35 +42,62 @@ def compile_kernel(kernel, pointers, constexprs, *, arch, num_warps, num_stages)
 def variants():
     cuda = torch.device("cuda")
     for dtype, flags in [
-        (torch.bfloat16, (True, True, True)), (torch.bfloat16, (False, False, False)),
-        (torch.float16, (True, False, True)), (torch.float32, (True, True, True)),
+        (torch.bfloat16, (True, True, True)),
+        (torch.bfloat16, (False, False, False)),
+        (torch.float16, (True, False, True)),
+        (torch.float32, (True, True, True)),
     ]:
         has_bias, has_softcap, has_stats = flags
         dt = TYPES[dtype]
         t = policy.tiles(dtype, cuda)
         m = policy.matmul_tiles(dtype, cuda)
         assert not t.interpreter and not m.interpreter, "interpreter flag leaked into a GPU launch"
-        tile_c = {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_D": t.block_d,
-                  "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap,
-                  "INTERPRETER": t.interpreter, "PRECISION": t.precision}
+        tile_c = {
+            "BLOCK_N": t.block_n,
+            "BLOCK_V": t.block_v,
+            "BLOCK_D": t.block_d,
+            "HAS_BIAS": has_bias,
+            "HAS_SOFTCAP": has_softcap,
+            "INTERPRETER": t.interpreter,
+            "PRECISION": t.precision,
+        }
         launch = {"num_warps": t.num_warps, "num_stages": t.num_stages}
-        yield (f"fwd_partial[{dt},{flags}]", forward._fwd_partial_kernel,
-               {"H": dt, "W": dt, "BIAS": dt, "ROWS": "i64", "LABELS": "i64", "PART": "fp32"},
-               {**tile_c, "HAS_STATS": has_stats}, launch)
-        yield (f"fwd_combine[{has_stats}]", forward._fwd_combine_kernel,
-               {"PART": "fp32", "LABELS": "i64", "TOK": "fp32"},
-               {"HAS_STATS": has_stats, "BLOCK": policy.combine_block(cuda)},
-               {"num_warps": 4, "num_stages": 1})
-        yield (f"bwd_logit_grad[{dt},{flags[:2]}]", backward._bwd_logit_grad_kernel,
-               {"H": dt, "W": dt, "BIAS": dt, "LABELS": "i64", "LSE": "fp32", "GRAD": "fp32",
-                "G": dt}, tile_c, launch)
+        yield (
+            f"fwd_partial[{dt},{flags}]",
+            forward._fwd_partial_kernel,
+            {"H": dt, "W": dt, "BIAS": dt, "ROWS": "i64", "LABELS": "i64", "PART": "fp32"},
+            {**tile_c, "HAS_STATS": has_stats},
+            launch,
+        )
+        yield (
+            f"fwd_combine[{has_stats}]",
+            forward._fwd_combine_kernel,
+            {"PART": "fp32", "LABELS": "i64", "TOK": "fp32"},
+            {"HAS_STATS": has_stats, "BLOCK": policy.combine_block(cuda)},
+            {"num_warps": 4, "num_stages": 1},
+        )
+        yield (
+            f"bwd_logit_grad[{dt},{flags[:2]}]",
+            backward._bwd_logit_grad_kernel,
+            {"H": dt, "W": dt, "BIAS": dt, "LABELS": "i64", "LSE": "fp32", "GRAD": "fp32", "G": dt},
+            tile_c,
+            launch,
+        )
         for accumulate, out in ((True, "fp32"), (False, dt)):
-            yield (f"matmul[{dt}->{out}]", backward._matmul_kernel,
-                   {"A": dt, "B": dt, "C": out},
-                   {"BLOCK_M": m.block_m, "BLOCK_N": m.block_n, "BLOCK_K": m.block_k,
-                    "ACCUMULATE": accumulate, "INTERPRETER": m.interpreter,
-                    "PRECISION": m.precision},
-                   {"num_warps": m.num_warps, "num_stages": m.num_stages})
+            yield (
+                f"matmul[{dt}->{out}]",
+                backward._matmul_kernel,
+                {"A": dt, "B": dt, "C": out},
+                {
+                    "BLOCK_M": m.block_m,
+                    "BLOCK_N": m.block_n,
+                    "BLOCK_K": m.block_k,
+                    "ACCUMULATE": accumulate,
+                    "INTERPRETER": m.interpreter,
+                    "PRECISION": m.precision,
+                },
+                {"num_warps": m.num_warps, "num_stages": m.num_stages},
+            )
 
 
 def main(arch=90):

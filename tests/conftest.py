@@ -21,8 +21,13 @@ def _case(backend, device):
 #: Every (backend, device) pair the oracle suite runs on. The C++ backend is never skipped: if it
 #: cannot be built here, its tests fail with the reason (set DPO_KERNELS_NO_CPP=1 to leave it out
 #: deliberately).
-CASES = [_case("torch", "cpu"), _case("triton", "cpu"), _case("cpp", "cpu"),
-         _case("torch", "cuda"), _case("triton", "cuda")]
+CASES = [
+    _case("torch", "cpu"),
+    _case("triton", "cpu"),
+    _case("cpp", "cpu"),
+    _case("torch", "cuda"),
+    _case("triton", "cuda"),
+]
 if os.environ.get("DPO_KERNELS_NO_CPP", "0") == "1":
     CASES = [c for c in CASES if c.values[0][0] != "cpp"]
 

@@ -27,9 +27,20 @@ except ImportError:
 IGNORE = -100
 
 
-def naive_logprobs(hidden, weight, labels, bias=None, *, cu_seqlens=None, reduction="sum",
-                   temperature=1.0, logit_scale=1.0, softcap=None, ignore_index=IGNORE,
-                   dtype=torch.float64):
+def naive_logprobs(
+    hidden,
+    weight,
+    labels,
+    bias=None,
+    *,
+    cu_seqlens=None,
+    reduction="sum",
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    ignore_index=IGNORE,
+    dtype=torch.float64,
+):
     """Per-sequence (or per-token) log-probs and stats with full logits.
 
     ``dtype=None`` is "torch in the input dtype": the matmul runs in the input dtype (logits
@@ -68,8 +79,10 @@ def naive_logprobs(hidden, weight, labels, bias=None, *, cu_seqlens=None, reduct
         out = {k: v.sum(-1) if v.dim() == 2 else v.sum().reshape(1) for k, v in vals.items()}
     else:
         bounds = cu_seqlens.tolist()
-        out = {k: torch.stack([v[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
-               for k, v in vals.items()}
+        out = {
+            k: torch.stack([v[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+            for k, v in vals.items()
+        }
     if reduction == "mean":
         out["logps"] = out["logps"] / out["num_tokens"].clamp(min=1)
     return out
@@ -128,15 +141,16 @@ def check_grad(ours, oracle, same, dtype, what):
 B, T, D, V = 3, 13, 48, 1001  # 37-ish valid rows, several vocab tiles and splits, odd sizes
 
 
-def make_inputs(layout, bias, dtype, device, *, b=B, t=T, d=D, v=V, seed=0, h_scale=1.0,
-                w_scale=None):
+def make_inputs(
+    layout, bias, dtype, device, *, b=B, t=T, d=D, v=V, seed=0, h_scale=1.0, w_scale=None
+):
     g = torch.Generator().manual_seed(seed)
     w_scale = d**-0.5 if w_scale is None else w_scale
     if layout == "padded":
         hidden = torch.randn(b, t, d, generator=g) * h_scale
         labels = torch.randint(0, v, (b, t), generator=g)
-        labels[:, : t // 4] = IGNORE            # a prompt
-        labels[-1, -2:] = IGNORE                 # padding
+        labels[:, : t // 4] = IGNORE  # a prompt
+        labels[-1, -2:] = IGNORE  # padding
         cu = None
     else:
         lens = torch.tensor([5, 0, 17, 1, 11])  # an empty sequence, a one-token sequence
@@ -148,8 +162,13 @@ def make_inputs(layout, bias, dtype, device, *, b=B, t=T, d=D, v=V, seed=0, h_sc
     weight = torch.randn(v, d, generator=g) * w_scale
     bias_t = torch.randn(v, generator=g) if bias else None
     cast = lambda x: x.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
-    return (cast(hidden), cast(weight), labels.to(device),
-            None if bias_t is None else cast(bias_t), cu)
+    return (
+        cast(hidden),
+        cast(weight),
+        labels.to(device),
+        None if bias_t is None else cast(bias_t),
+        cu,
+    )
 
 
 def run_case(backend, device, dtype, layout, reduction, bias, opts, **shape):

@@ -15,8 +15,17 @@ from dpo_kernels.bench.report import markdown
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-TINY = dict(workload="dpo_step", pairs=2, seq_len=16, hidden=32, vocab=300, dtype="float32",
-            device="cpu", warmup=1, repeats=2)
+TINY = dict(
+    workload="dpo_step",
+    pairs=2,
+    seq_len=16,
+    hidden=32,
+    vocab=300,
+    dtype="float32",
+    device="cpu",
+    warmup=1,
+    repeats=2,
+)
 
 
 def test_rows_and_losses_agree():
@@ -46,8 +55,7 @@ def test_naive_baseline_is_the_op():
     labels[:, :2] = -100
     for softcap in (None, 2.0):
         got = naive_token_logprobs(h, w, labels, softcap)
-        want = dk.linear_logprobs(h.double(), w.double(), labels, reduction="none",
-                                  softcap=softcap)
+        want = dk.linear_logprobs(h.double(), w.double(), labels, reduction="none", softcap=softcap)
         assert got.dtype == torch.float32 and got.shape == labels.shape
         assert torch.allclose(got.double(), want, atol=1e-5), (got - want).abs().max()
         assert (got[:, :2] == 0).all() and (got[:, 2:] < 0).all()
@@ -69,16 +77,41 @@ def test_cli_bench_writes_schema_rows_and_a_table(tmp_path, capsys):
     from dpo_kernels.cli import main
 
     out = tmp_path / "bench"
-    assert main(["bench", "--tokens", "32", "64", "--hidden", "24", "--vocab", "211",
-                 "--seq-len", "16", "--methods", "dpo_kernels", "naive", "liger",
-                 "--workload", "logprobs_fwd_bwd", "--repeats", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--tokens",
+                "32",
+                "64",
+                "--hidden",
+                "24",
+                "--vocab",
+                "211",
+                "--seq-len",
+                "16",
+                "--methods",
+                "dpo_kernels",
+                "naive",
+                "liger",
+                "--workload",
+                "logprobs_fwd_bwd",
+                "--repeats",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "results.json").read_text())
     assert {"device", "torch", "triton", "dpo_kernels", "command", "date", "rows"} <= set(result)
     assert result["device"].startswith("cpu: ")
     assert result["command"].startswith("dpo-kernels bench")
     rows = result["rows"]
     assert [(r["method"], r["tokens"]) for r in rows] == [
-        (m, t) for t in (32, 64) for m in ("dpo_kernels", "naive", "liger")]
+        (m, t) for t in (32, 64) for m in ("dpo_kernels", "naive", "liger")
+    ]
     for r in rows:
         assert {"method", "workload", "tokens", "hidden", "vocab", "dtype"} <= set(r)
         assert r["dtype"] == "float32" and r["workload"] == "logprobs_fwd_bwd"
@@ -123,12 +156,20 @@ def test_plan_presets_quick_and_softcap_rows():
     assert {s["dtype"] for s in gpu} == {"bfloat16"} and max(s["tokens"] for s in gpu) == 16384
     assert all(2 * s["pairs"] * s["seq_len"] == s["tokens"] for s in specs + gpu)
     quick = suite.plan(parser.parse_args(["--quick"]), "cpu")
-    assert {(s["tokens"], s["pairs"], s["seq_len"], s["hidden"], s["vocab"], s["workload"])
-            for s in quick} == {(256, 1, 128, 256, 32000, "dpo_step"),
-                                (1024, 4, 128, 256, 32000, "dpo_step")}  # as measured before
+    assert {
+        (s["tokens"], s["pairs"], s["seq_len"], s["hidden"], s["vocab"], s["workload"])
+        for s in quick
+    } == {
+        (256, 1, 128, 256, 32000, "dpo_step"),
+        (1024, 4, 128, 256, 32000, "dpo_step"),
+    }  # as measured before
     try:
-        suite.plan(parser.parse_args(["--tokens", "100", "--hidden", "8", "--vocab", "9",
-                                      "--seq-len", "16"]), "cpu")
+        suite.plan(
+            parser.parse_args(
+                ["--tokens", "100", "--hidden", "8", "--vocab", "9", "--seq-len", "16"]
+            ),
+            "cpu",
+        )
     except ValueError as e:
         assert "--tokens 100" in str(e)
     else:
@@ -148,13 +189,18 @@ def test_readme_benchmark_tables_are_the_committed_results():
 
 def test_w1_w2_presets_are_the_cpu_step_shapes():
     specs = suite.plan(_args("--preset", "W1", "--preset", "W2", "--dtype", "fp32", "bf16"), "cpu")
-    shapes = {(s["preset"], s["pairs"], s["seq_len"], s["tokens"], s["hidden"], s["vocab"])
-              for s in specs}
+    shapes = {
+        (s["preset"], s["pairs"], s["seq_len"], s["tokens"], s["hidden"], s["vocab"]) for s in specs
+    }
     assert shapes == {("W1", 4, 256, 2048, 256, 32000), ("W2", 2, 512, 2048, 512, 128256)}
     assert {s["workload"] for s in specs} == {"dpo_step"}
     assert {s["softcap"] for s in specs} == {None}
     assert [(s["preset"], s["dtype"]) for s in specs if s["method"] == "dpo_kernels"] == [
-        ("W1", "float32"), ("W1", "bfloat16"), ("W2", "float32"), ("W2", "bfloat16")]
+        ("W1", "float32"),
+        ("W1", "bfloat16"),
+        ("W2", "float32"),
+        ("W2", "bfloat16"),
+    ]
     assert len(specs) == 4 * len(suite.METHODS)
     w2 = next(s for s in specs if s["preset"] == "W2" and s["dtype"] == "bfloat16")
     assert w2["scored_tokens"] == 1536 and w2["flops"] == 8 * 1536 * 512 * 128256
@@ -184,21 +230,45 @@ def test_report_renders_results_without_a_floor():
 def test_converted_w1_w2_results_render():
     path = RESULTS / "cpu-w1w2" / "results.json"
     result = json.loads(path.read_text())
-    assert {"device", "torch", "triton", "dpo_kernels", "versions", "command", "date", "note",
-            "rows"} <= set(result)
+    assert {
+        "device",
+        "torch",
+        "triton",
+        "dpo_kernels",
+        "versions",
+        "command",
+        "date",
+        "note",
+        "rows",
+    } <= set(result)
     assert "benchmarks/cpu_dpo_step.py" in result["command"] and "converted" in result["note"]
     rows = result["rows"]
     assert len(rows) == 24 and {r["preset"] for r in rows} == {"W1", "W2"}
     for r in rows:
-        assert {"method", "workload", "preset", "tokens", "hidden", "vocab", "softcap", "dtype",
-                "pairs", "seq_len", "scored_tokens", "flops", "bytes"} <= set(r)
+        assert {
+            "method",
+            "workload",
+            "preset",
+            "tokens",
+            "hidden",
+            "vocab",
+            "softcap",
+            "dtype",
+            "pairs",
+            "seq_len",
+            "scored_tokens",
+            "flops",
+            "bytes",
+        } <= set(r)
         assert "shape" not in r and ("median_ms" in r) != ("error" in r)
-    w1 = next(r for r in rows if (r["preset"], r["dtype"], r["method"])
-              == ("W1", "float32", "dpo_kernels"))
+    w1 = next(
+        r
+        for r in rows
+        if (r["preset"], r["dtype"], r["method"]) == ("W1", "float32", "dpo_kernels")
+    )
     assert w1["median_ms"] == 846.1704219998865 and w1["peak_mem_mb"] == 4.9765625
     table = markdown(result)
     assert "**W1** (dpo_step, float32; 2048 tokens, D = 256, V = 32,000; 1,536 scored" in table
     assert "**W2** (dpo_step, bfloat16; 2048 tokens, D = 512, V = 128,256; 1,536 scored" in table
     assert "| dpo_kernels | 846.2 ms | 119.0 | — |" in table
     assert "| trl_chunked | timeout after 240 s (timed steps finished: 68.0 s, 65.1 s) |" in table
-

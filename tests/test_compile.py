@@ -9,8 +9,16 @@ from .helpers import make_inputs
 
 
 def dpo_like_step(hidden, weight, labels, bias, backend):
-    stats = dk.linear_logprobs(hidden, weight, labels, bias, reduction="mean",
-                               return_stats=True, backend=backend, softcap=30.0)
+    stats = dk.linear_logprobs(
+        hidden,
+        weight,
+        labels,
+        bias,
+        reduction="mean",
+        return_stats=True,
+        backend=backend,
+        softcap=30.0,
+    )
     half = stats.logps.shape[0] // 2
     margin = stats.logps[:half] - stats.logps[half:]
     loss = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
@@ -23,8 +31,7 @@ def test_fullgraph_compile_matches_eager(case, compiler):
     torch._dynamo.reset()
     results = []
     for fn in (dpo_like_step, torch.compile(dpo_like_step, fullgraph=True, backend=compiler)):
-        hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, device,
-                                                      b=4)
+        hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, device, b=4)
         loss, entropy, num_tokens = fn(hidden, weight, labels, bias, backend)
         grads = torch.autograd.grad(loss, [hidden, weight, bias])
         results.append((loss, entropy, num_tokens, *grads))
@@ -39,6 +46,18 @@ def test_opcheck(case):
     n, d = hidden.shape[0] * hidden.shape[1], hidden.shape[2]
     cu = torch.arange(hidden.shape[0] + 1, device=device) * hidden.shape[1]
     for per_token in (False, True):
-        args = (hidden.reshape(n, d), weight, bias, labels.reshape(n), cu,
-                -100, 1.0, 1.0, 0.0, per_token, backend, True)
+        args = (
+            hidden.reshape(n, d),
+            weight,
+            bias,
+            labels.reshape(n),
+            cu,
+            -100,
+            1.0,
+            1.0,
+            0.0,
+            per_token,
+            backend,
+            True,
+        )
         torch.library.opcheck(torch.ops.dpo_kernels.linear_logprobs_fwd.default, args)

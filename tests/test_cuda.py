@@ -98,7 +98,10 @@ def test_bad_cu_seqlens_on_cuda_is_nan_without_a_sync(monkeypatch):
     monkeypatch.delenv("DPO_KERNELS_VALIDATE", raising=False)
     hidden, weight, labels = _small()
     cu = torch.tensor([0, 7, 5, 12], device="cuda")
-    out, syncs = _host_syncs(lambda: dk.linear_logprobs(hidden.reshape(12, 16), weight,
-                                                        labels.reshape(12), cu_seqlens=cu))
+    out, syncs = _host_syncs(
+        lambda: dk.linear_logprobs(
+            hidden.reshape(12, 16), weight, labels.reshape(12), cu_seqlens=cu
+        )
+    )
     assert syncs == OP_SYNCS
     assert torch.isnan(out).all()

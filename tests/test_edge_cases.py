@@ -64,8 +64,7 @@ def test_every_token_ignored(case, poison):
 
 def test_one_token(case, poison):
     backend, device = case
-    hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, device,
-                                                  b=1, t=1)
+    hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, device, b=1, t=1)
     labels.fill_(7)
     check_against_oracle(hidden, weight, labels, bias, backend)
 
@@ -80,8 +79,9 @@ def test_vocab_sizes_not_multiples_of_tiles(case, vocab, poison):
 def test_huge_logits(case, dtype):
     """Logits of magnitude ~1e4: the online max must keep exp() finite."""
     backend, device = case
-    hidden, weight, labels, bias, _ = make_inputs("padded", False, dtype, device,
-                                                  h_scale=100.0, w_scale=10.0)
+    hidden, weight, labels, bias, _ = make_inputs(
+        "padded", False, dtype, device, h_scale=100.0, w_scale=10.0
+    )
     with torch.no_grad():
         assert (hidden.float() @ weight.float().T).abs().max() > 1e4
     out, _ = check_against_oracle(hidden, weight, labels, None, backend)
@@ -94,12 +94,16 @@ def test_non_contiguous_inputs(case, poison):
     b, t, d, v = 3, 11, 40, 301
     hidden = leaf(torch.randn(t, b, d, generator=g), device).transpose(0, 1)  # (b, t, d) view
     weight_big = leaf(torch.randn(v, 2 * d, generator=g) * d**-0.5, device)
-    weight = weight_big[:, ::2]                                         # stride 2 along D
+    weight = weight_big[:, ::2]  # stride 2 along D
     bias_big = leaf(torch.randn(2 * v, generator=g), device)
     bias = bias_big[::2]
-    labels = torch.randint(0, v, (t, b), generator=g).to(device).T       # (b, t) view
-    assert not (hidden.is_contiguous() or weight.is_contiguous() or bias.is_contiguous()
-                or labels.is_contiguous())
+    labels = torch.randint(0, v, (t, b), generator=g).to(device).T  # (b, t) view
+    assert not (
+        hidden.is_contiguous()
+        or weight.is_contiguous()
+        or bias.is_contiguous()
+        or labels.is_contiguous()
+    )
     out = dk.linear_logprobs(hidden, weight, labels, bias, backend=backend)
     dense = [x.detach().contiguous().requires_grad_() for x in (hidden, weight, bias)]
     ref = dk.linear_logprobs(dense[0], dense[1], labels.contiguous(), dense[2], backend=backend)
@@ -122,13 +126,19 @@ def test_empty_input(case, layout, reduction):
         hidden, labels, n_out = torch.randn(0, d), torch.zeros(0, dtype=torch.long), 2
         cu = torch.zeros(3, dtype=torch.long, device=device)
     hidden = leaf(hidden, device)
-    stats = dk.linear_logprobs(hidden, weight, labels.to(device), cu_seqlens=cu,
-                               reduction=reduction, backend=backend, return_stats=True)
+    stats = dk.linear_logprobs(
+        hidden,
+        weight,
+        labels.to(device),
+        cu_seqlens=cu,
+        reduction=reduction,
+        backend=backend,
+        return_stats=True,
+    )
     want_shape = tuple(labels.shape) if reduction == "none" else (n_out,)
     for value in stats:
         assert tuple(value.shape) == want_shape and torch.all(value == 0)
-    d_hidden, d_weight = torch.autograd.grad(stats.logps.sum(), [hidden, weight],
-                                             allow_unused=True)
+    d_hidden, d_weight = torch.autograd.grad(stats.logps.sum(), [hidden, weight], allow_unused=True)
     assert d_weight is not None and torch.all(d_weight == 0)
     assert d_hidden is not None and d_hidden.shape == hidden.shape
 
@@ -148,10 +158,14 @@ def test_deterministic(case, dtype):
     results = []
     for _ in range(2):
         hidden, weight, labels, bias, _ = make_inputs("padded", True, dtype, device)
-        stats = dk.linear_logprobs(hidden, weight, labels, bias, backend=backend,
-                                   return_stats=True, softcap=20.0)
-        grads = torch.autograd.grad(stats.logps, [hidden, weight, bias],
-                                    torch.linspace(-1, 2, stats.logps.shape[0], device=device))
+        stats = dk.linear_logprobs(
+            hidden, weight, labels, bias, backend=backend, return_stats=True, softcap=20.0
+        )
+        grads = torch.autograd.grad(
+            stats.logps,
+            [hidden, weight, bias],
+            torch.linspace(-1, 2, stats.logps.shape[0], device=device),
+        )
         results.append(list(stats) + list(grads))
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -167,13 +181,17 @@ def test_out_of_range_label_gives_nan_in_backend(backend):
     rows = torch.tensor([0, 1, 2, 5, 6])
     labels_c = torch.tensor([3, vocab, 4, -7, 9])
     seg = torch.tensor([0, 2, 3, 5])
-    x = contract.Rows(hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
-                      bias.detach(), rows, labels_c)
+    x = contract.Rows(
+        hidden.detach().reshape(-1, hidden.shape[-1]),
+        weight.detach(),
+        bias.detach(),
+        rows,
+        labels_c,
+    )
     tok = contract.get(backend).forward(x, contract.LogitOptions(), True)
     assert torch.isnan(tok.logps).tolist() == [False, True, False, True, False]
     assert torch.isnan(contract.segment_sum(tok.logps, seg)).tolist() == [True, False, True]
     assert torch.isfinite(tok.lse).all()
-
 
 
 def test_autocast_with_fp32_master_weights(case):
@@ -198,7 +216,8 @@ def test_gradients_of_a_subset(case, trainable):
     hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, device)
     full = torch.autograd.grad(
         dk.linear_logprobs(hidden, weight, labels, bias, backend=backend).sum(),
-        [hidden, weight, bias])
+        [hidden, weight, bias],
+    )
     params = {"hidden": hidden, "weight": weight, "bias": bias}
     for name, p in params.items():
         p.requires_grad_(name == trainable)

@@ -26,8 +26,11 @@ def good(**over):
 
 def packed(cu, n=6):
     g = torch.Generator().manual_seed(1)
-    return {"hidden": torch.randn(n, D, generator=g), "labels": torch.randint(0, V, (n,)),
-            "cu_seqlens": torch.tensor(cu)}
+    return {
+        "hidden": torch.randn(n, D, generator=g),
+        "labels": torch.randint(0, V, (n,)),
+        "cu_seqlens": torch.tensor(cu),
+    }
 
 
 CASES = [
@@ -37,36 +40,63 @@ CASES = [
     ("float labels", {"labels": torch.zeros(B, T)}, TypeError, "labels must be an integer"),
     ("bool labels", {"labels": torch.zeros(B, T, dtype=torch.bool)}, TypeError, "labels"),
     ("width mismatch", {"weight": torch.randn(V, D + 1)}, ValueError, "weight's D=9"),
-    ("labels shape", {"labels": torch.zeros(B, T + 1, dtype=torch.long)}, ValueError,
-     "labels shape (2, 6) must equal hidden's leading shape (2, 5)"),
+    (
+        "labels shape",
+        {"labels": torch.zeros(B, T + 1, dtype=torch.long)},
+        ValueError,
+        "labels shape (2, 6) must equal hidden's leading shape (2, 5)",
+    ),
     ("bias length", {"bias": torch.randn(V - 1)}, ValueError, "bias must have shape (V,) = (11,)"),
     ("bias dtype", {"bias": torch.randn(V, dtype=torch.float64)}, TypeError, "bias dtype"),
-    ("dtype mix", {"weight": torch.randn(V, D, dtype=torch.bfloat16)}, TypeError,
-     "weight dtype torch.bfloat16 must match hidden dtype torch.float32"),
+    (
+        "dtype mix",
+        {"weight": torch.randn(V, D, dtype=torch.bfloat16)},
+        TypeError,
+        "weight dtype torch.bfloat16 must match hidden dtype torch.float32",
+    ),
     ("int hidden", {"hidden": torch.zeros(B, T, D, dtype=torch.long)}, TypeError, "hidden must be"),
-    ("hidden 4-D", {"hidden": torch.randn(1, B, T, D), "labels": torch.zeros(1, B, T,
-                                                                            dtype=torch.long)},
-     ValueError, "hidden must be (B, T, D)"),
+    (
+        "hidden 4-D",
+        {"hidden": torch.randn(1, B, T, D), "labels": torch.zeros(1, B, T, dtype=torch.long)},
+        ValueError,
+        "hidden must be (B, T, D)",
+    ),
     ("weight 1-D", {"weight": torch.randn(D)}, ValueError, "weight must be 2-D"),
     ("empty vocab", {"weight": torch.randn(0, D)}, ValueError, "at least one row"),
     ("not a tensor", {"hidden": [[1.0]]}, TypeError, "hidden must be a torch.Tensor"),
     ("cu_seqlens start", packed([1, 3, 6]), ValueError, "cu_seqlens must start at 0"),
     ("cu_seqlens decreasing", packed([0, 4, 2, 6]), ValueError, "non-decreasing"),
     ("cu_seqlens end", packed([0, 3, 5]), ValueError, "must end at the number of rows N=6"),
-    ("cu_seqlens float", {**packed([0, 6]), "cu_seqlens": torch.tensor([0.0, 6.0])}, TypeError,
-     "cu_seqlens must be an integer"),
-    ("cu_seqlens 2-D", {**packed([0, 6]), "cu_seqlens": torch.tensor([[0, 6]])}, ValueError,
-     "cu_seqlens must be 1-D"),
-    ("cu_seqlens with padded", {"cu_seqlens": torch.tensor([0, 5, 10])}, ValueError,
-     "with cu_seqlens, hidden must be packed (N, D)"),
+    (
+        "cu_seqlens float",
+        {**packed([0, 6]), "cu_seqlens": torch.tensor([0.0, 6.0])},
+        TypeError,
+        "cu_seqlens must be an integer",
+    ),
+    (
+        "cu_seqlens 2-D",
+        {**packed([0, 6]), "cu_seqlens": torch.tensor([[0, 6]])},
+        ValueError,
+        "cu_seqlens must be 1-D",
+    ),
+    (
+        "cu_seqlens with padded",
+        {"cu_seqlens": torch.tensor([0, 5, 10])},
+        ValueError,
+        "with cu_seqlens, hidden must be packed (N, D)",
+    ),
     ("reduction", {"reduction": "avg"}, ValueError, "reduction must be one of"),
     ("backend", {"backend": "cuda"}, ValueError, "backend must be one of"),
     ("temperature 0", {"temperature": 0.0}, ValueError, "temperature must be a positive"),
     ("temperature < 0", {"temperature": -1.0}, ValueError, "temperature"),
     ("softcap 0", {"softcap": 0.0}, ValueError, "softcap must be None or a positive"),
     ("softcap < 0", {"softcap": -30.0}, ValueError, "softcap"),
-    ("logit_scale inf", {"logit_scale": float("inf")}, ValueError,
-     "logit_scale must be a finite number"),
+    (
+        "logit_scale inf",
+        {"logit_scale": float("inf")},
+        ValueError,
+        "logit_scale must be a finite number",
+    ),
     ("ignore_index float", {"ignore_index": -100.0}, TypeError, "ignore_index must be an int"),
 ]
 
@@ -80,8 +110,7 @@ def test_bad_input(over, exc, msg, backend):
         over["backend"] = "torch"  # argument checks come first; the CPU needs some backend
     args, kwargs = good(**over)
     with pytest.raises(exc) as info:
-        dk.linear_logprobs(args["hidden"], args["weight"], args["labels"], args["bias"],
-                           **kwargs)
+        dk.linear_logprobs(args["hidden"], args["weight"], args["labels"], args["bias"], **kwargs)
     assert msg in str(info.value)
 
 
@@ -91,8 +120,9 @@ def test_ignore_index_labels_are_not_errors():
     args["labels"][1, 1] = 7
     dk.linear_logprobs(args["hidden"], args["weight"], args["labels"])
     args["labels"][args["labels"] == -100] = -1  # another ignore_index
-    out = dk.linear_logprobs(args["hidden"], args["weight"], args["labels"], ignore_index=-1,
-                             return_stats=True)
+    out = dk.linear_logprobs(
+        args["hidden"], args["weight"], args["labels"], ignore_index=-1, return_stats=True
+    )
     assert out.num_tokens.tolist() == [T - 2, T]
 
 
@@ -123,8 +153,9 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
 def test_cpp_backend_rejects_float64():
     args, _ = good()
     with pytest.raises(TypeError, match="backend='cpp' takes float32"):
-        dk.linear_logprobs(args["hidden"].double(), args["weight"].double(), args["labels"],
-                           backend="cpp")
+        dk.linear_logprobs(
+            args["hidden"].double(), args["weight"].double(), args["labels"], backend="cpp"
+        )
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):

@@ -16,8 +16,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def load_example(name):
-    spec = importlib.util.spec_from_file_location(f"dpo_kernels_example_{name}",
-                                                  EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"dpo_kernels_example_{name}", EXAMPLES / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -45,9 +46,16 @@ def test_plain_loop_matches_logits():
     import dpo_kernels
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=32, pad_token_id=ex.PAD)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=ex.PAD,
+    )
     policy, reference = LlamaForCausalLM(config), LlamaForCausalLM(config)  # different weights
     batch = ex.make_batch(3, config.vocab_size, torch.Generator().manual_seed(1))
     input_ids, attention_mask, completion_mask = batch
@@ -57,8 +65,12 @@ def test_plain_loop_matches_logits():
     with torch.no_grad():
         ref_hidden, _ = ex.shifted_inputs(reference, *batch)
     loss, out = dpo_kernels.FusedLinearDPOLoss(beta=0.1, backend="torch")(
-        policy.lm_head.weight, hidden, labels, ref_input=ref_hidden,
-        ref_weight=reference.lm_head.weight)
+        policy.lm_head.weight,
+        hidden,
+        labels,
+        ref_input=ref_hidden,
+        ref_weight=reference.lm_head.weight,
+    )
 
     def logps(model):
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].double()
@@ -70,8 +82,9 @@ def test_plain_loop_matches_logits():
         ref = logps(reference)
     c, r = (pol - ref).chunk(2)
     expected = -F.logsigmoid(0.1 * (c - r)).mean()
-    torch.testing.assert_close(out.chosen_logps.double(), pol.chunk(2)[0].detach(),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        out.chosen_logps.double(), pol.chunk(2)[0].detach(), rtol=1e-5, atol=1e-4
+    )
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
 
 

@@ -27,13 +27,23 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "-m", "tests.aot_compile", "90"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.aot_compile", "90"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     names = {r["kernel"].split("[")[0] for r in rows}
     assert names == {"fwd_partial", "fwd_combine", "bwd_logit_grad", "matmul"}
     # Half-precision matmuls must reach the tensor cores (an fp32 upcast would not).
-    half = [r for r in rows if r["kernel"].startswith(("fwd_partial", "bwd_logit_grad", "matmul"))
-            and ("bf16" in r["kernel"] or "fp16" in r["kernel"])]
+    half = [
+        r
+        for r in rows
+        if r["kernel"].startswith(("fwd_partial", "bwd_logit_grad", "matmul"))
+        and ("bf16" in r["kernel"] or "fp16" in r["kernel"])
+    ]
     assert half and all(r["mma"] for r in half), half

@@ -17,8 +17,14 @@ from dpo_kernels.integrations.transformers import (  # noqa: E402
 )
 
 V, D = 89, 32
-SMALL = dict(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=D,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def _config(arch):
@@ -36,18 +42,36 @@ def _config(arch):
     if arch == "granite_scaling":
         return transformers.GraniteConfig(**SMALL, logits_scaling=0.25)
     if arch == "phi_bias":
-        return transformers.PhiConfig(vocab_size=V, hidden_size=D, intermediate_size=48,
-                                      num_hidden_layers=2, num_attention_heads=4)
+        return transformers.PhiConfig(
+            vocab_size=V,
+            hidden_size=D,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
     if arch == "minicpm3_hidden_scale":
-        return transformers.MiniCPM3Config(**{**SMALL, "num_key_value_heads": 4},
-                                           dim_model_base=8, q_lora_rank=16,
-                                           kv_lora_rank=8, qk_nope_head_dim=8,
-                                           qk_rope_head_dim=4, v_head_dim=8)
+        return transformers.MiniCPM3Config(
+            **{**SMALL, "num_key_value_heads": 4},
+            dim_model_base=8,
+            q_lora_rank=16,
+            kv_lora_rank=8,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+        )
     raise KeyError(arch)
 
 
-ARCHS = ["llama", "qwen2_tied", "gemma2_softcap", "mistral", "cohere_scale", "granite_scaling",
-         "phi_bias", "minicpm3_hidden_scale"]
+ARCHS = [
+    "llama",
+    "qwen2_tied",
+    "gemma2_softcap",
+    "mistral",
+    "cohere_scale",
+    "granite_scaling",
+    "phi_bias",
+    "minicpm3_hidden_scale",
+]
 
 
 def _model(arch, dtype=torch.float64, seed=0):
@@ -66,13 +90,13 @@ def _batch(seed=1, batch=4, seq=11):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (batch, seq), generator=g)
     attention = torch.ones_like(ids)
-    attention[1, seq - 3:] = 0             # right padding
-    attention[2, seq - 1:] = 0
+    attention[1, seq - 3 :] = 0  # right padding
+    attention[2, seq - 1 :] = 0
     completion = torch.zeros_like(ids)
     prompt = torch.randint(1, seq // 2, (batch,), generator=g)
     for b in range(batch):
-        completion[b, prompt[b]:] = 1
-    completion[3] = 0                     # a sequence with nothing to score
+        completion[b, prompt[b] :] = 1
+    completion[3] = 0  # a sequence with nothing to score
     return ids, attention, completion
 
 
@@ -119,10 +143,12 @@ def test_fp32_backends_match_the_float64_model(arch, case):
     ids, attention, completion = _batch(seed=3)
     oracle, _ = _model_logps(model64, ids, attention, completion)
     model32 = _model(arch, torch.float32).to(device)
-    got = sequence_logprobs(model32, ids.to(device), attention.to(device),
-                            completion.to(device), backend=backend).logps
-    same_dtype, _ = _model_logps(model32, ids.to(device), attention.to(device),
-                                 completion.to(device))
+    got = sequence_logprobs(
+        model32, ids.to(device), attention.to(device), completion.to(device), backend=backend
+    ).logps
+    same_dtype, _ = _model_logps(
+        model32, ids.to(device), attention.to(device), completion.to(device)
+    )
     err = (got.double().cpu() - oracle).abs()
     budget = (same_dtype.double().cpu() - oracle).abs() + 1e-5 * (1 + oracle.abs())
     assert (err <= budget).all(), (err, budget)
@@ -136,12 +162,13 @@ def test_stats_follow_the_scored_tokens():
     mask = (attention * completion)[:, 1:].bool()
     p = logits.softmax(-1)
     entropy = -(p * p.log()).sum(-1)
-    top1 = (logits.gather(-1, ids[:, 1:, None])[..., 0] >= logits.max(-1).values)
+    top1 = logits.gather(-1, ids[:, 1:, None])[..., 0] >= logits.max(-1).values
     torch.testing.assert_close(stats.entropy_sum, (entropy * mask).sum(1))
     torch.testing.assert_close(stats.logits_sum, (logits.mean(-1) * mask).sum(1))
     torch.testing.assert_close(stats.top1_correct, (top1 & mask).sum(1))
-    per_token = sequence_logprobs(model, ids, attention, completion, reduction="none",
-                                  backend="torch")
+    per_token = sequence_logprobs(
+        model, ids, attention, completion, reduction="none", backend="torch"
+    )
     assert per_token.logps.shape == (ids.shape[0], ids.shape[1] - 1)
     torch.testing.assert_close(per_token.logps.sum(1), stats.logps)
 
@@ -179,9 +206,14 @@ def test_unknown_model_with_a_transform_field_is_refused():
 
 
 def test_head_that_is_not_a_direct_linear_is_refused():
-    config = transformers.RobertaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1,
-                                        num_attention_heads=4, intermediate_size=48,
-                                        is_decoder=True)
+    config = transformers.RobertaConfig(
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=48,
+        is_decoder=True,
+    )
     model = transformers.RobertaForCausalLM(config)
     with pytest.raises(TypeError, match="not a direct submodule"):
         lm_head_spec(model)
@@ -223,8 +255,9 @@ def test_peft_lora_runs_the_adapted_backbone():
 
 def test_prompt_learning_peft_is_refused():
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(_model("llama"), peft.PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=2))
+    model = peft.get_peft_model(
+        _model("llama"), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    )
     with pytest.raises(NotImplementedError, match="prompt-learning"):
         sequence_logprobs(model, _batch()[0])
 
@@ -235,8 +268,9 @@ def process_group():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'pg')}",
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{os.path.join(tmp, 'pg')}", rank=0, world_size=1
+        )
         try:
             yield
         finally:
@@ -276,9 +310,9 @@ def test_dtensor_head_is_gathered(process_group):
     sharded = _model("llama")
     mesh = init_device_mesh("cpu", (1,))
     sharded.lm_head.weight = torch.nn.Parameter(
-        distribute_tensor(sharded.lm_head.weight.detach(), mesh, [Shard(0)]))
+        distribute_tensor(sharded.lm_head.weight.detach(), mesh, [Shard(0)])
+    )
     got = sequence_logprobs(sharded, ids, attention, completion, backend="torch").logps
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     got.sum().backward()
-    torch.testing.assert_close(sharded.lm_head.weight.grad.full_tensor(),
-                               plain.lm_head.weight.grad)
+    torch.testing.assert_close(sharded.lm_head.weight.grad.full_tensor(), plain.lm_head.weight.grad)

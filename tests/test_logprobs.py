@@ -25,12 +25,18 @@ DTYPE_IDS = ["fp32", "bf16", "fp16"]
 VARIANTS = [
     ("plain", "padded", "sum", False, {}),
     ("mean-bias-temp", "padded", "mean", True, {"temperature": 0.7}),
-    ("none-softcap", "padded", "none", True,
-     {"softcap": 5.0, "logit_scale": 1.7, "temperature": 1.3}),
+    (
+        "none-softcap",
+        "padded",
+        "none",
+        True,
+        {"softcap": 5.0, "logit_scale": 1.7, "temperature": 1.3},
+    ),
     ("packed-softcap30", "packed", "sum", True, {"softcap": 30.0}),
     ("packed-none-scale", "packed", "none", False, {"logit_scale": 0.5}),
     ("packed-mean", "packed", "mean", False, {"temperature": 2.0}),
 ]
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
@@ -46,8 +52,16 @@ def test_stats(case, dtype, reduction, poison):
     backend, device = case
     hidden, weight, labels, bias, _ = make_inputs("padded", True, dtype, device)
     opts = {"softcap": 4.0, "temperature": 0.9}
-    got = dk.linear_logprobs(hidden, weight, labels, bias, reduction=reduction,
-                             return_stats=True, backend=backend, **opts)
+    got = dk.linear_logprobs(
+        hidden,
+        weight,
+        labels,
+        bias,
+        reduction=reduction,
+        return_stats=True,
+        backend=backend,
+        **opts,
+    )
     ref = naive_logprobs(hidden, weight, labels, bias, reduction=reduction, **opts)
     assert isinstance(got, dk.LogProbStats)
     assert torch.equal(got.num_tokens.cpu(), ref["num_tokens"].long().cpu())

@@ -52,8 +52,7 @@ def oracle(kind, pc, pr, rc, rr, nc, nr, beta, eps, tau, fk, fa):
         elif kind == "ipo":
             v = (cs[i] / max(nc[i], 1) - rs[i] / max(nr[i], 1) - 1 / (2 * beta)) ** 2
         elif kind == "exo_pair":
-            v = (sig(x) * (logsig(x) - math.log(1 - eps))
-                 + sig(-x) * (logsig(-x) - math.log(eps)))
+            v = sig(x) * (logsig(x) - math.log(1 - eps)) + sig(-x) * (logsig(-x) - math.log(eps))
         elif kind == "nca_pair":
             v = -logsig(beta * c[i]) - 0.5 * logsig(-beta * c[i]) - 0.5 * logsig(-beta * r[i])
         elif kind == "robust":
@@ -103,21 +102,49 @@ EPS = {"exo_pair": 1e-3, "robust": 0.2, "aot": 0.1, "aot_unpaired": 0.1, "sigmoi
 
 # Every loss type with the default reverse KL; the f-divergences only where TRL defines them (the
 # other combinations must raise: test_errors).
-COMBOS = [(k, f) for f in L.F_DIVERGENCES for k in L.LOSS_TYPES
-          if f == "reverse_kl" or L.LOSS_SPECS[k].f_divergence_ok]
+COMBOS = [
+    (k, f)
+    for f in L.F_DIVERGENCES
+    for k in L.LOSS_TYPES
+    if f == "reverse_kl" or L.LOSS_SPECS[k].f_divergence_ok
+]
 
 
 @pytest.mark.parametrize("kind, fk", COMBOS)
 def test_loss_types_match_formulas(kind, fk):
     pc, pr, rc, rr, nc, nr = make_pairs(seed=zlib.crc32(f"{kind}/{fk}".encode()))
     beta, eps, tau, fa = 0.3, EPS.get(kind, 0.0), 0.05, 0.4
-    out = L.preference_loss(pc, pr, rc, rr, loss_type=kind, beta=beta, label_smoothing=eps,
-                            discopop_tau=tau, f_divergence_type=fk, f_alpha_divergence_coef=fa,
-                            chosen_num_tokens=nc, rejected_num_tokens=nr)
-    want = oracle(kind, pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), nc.tolist(),
-                  nr.tolist(), beta, eps, tau, fk, fa)
-    torch.testing.assert_close(out.losses, torch.tensor(want, dtype=torch.float64),
-                               rtol=1e-12, atol=1e-12)
+    out = L.preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type=kind,
+        beta=beta,
+        label_smoothing=eps,
+        discopop_tau=tau,
+        f_divergence_type=fk,
+        f_alpha_divergence_coef=fa,
+        chosen_num_tokens=nc,
+        rejected_num_tokens=nr,
+    )
+    want = oracle(
+        kind,
+        pc.tolist(),
+        pr.tolist(),
+        rc.tolist(),
+        rr.tolist(),
+        nc.tolist(),
+        nr.tolist(),
+        beta,
+        eps,
+        tau,
+        fk,
+        fa,
+    )
+    torch.testing.assert_close(
+        out.losses, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12
+    )
     torch.testing.assert_close(out.chosen_rewards, beta * (pc - rc), rtol=0, atol=0)
     torch.testing.assert_close(out.rejected_rewards, beta * (pr - rr), rtol=0, atol=0)
     assert not out.chosen_rewards.requires_grad
@@ -131,8 +158,17 @@ def test_gradients_flow_and_match_finite_differences():
         eps = EPS.get(kind, 0.0)
 
         def f(a, b, kind=kind, eps=eps):
-            return L.preference_loss(a, b, rc, rr, loss_type=kind, beta=0.2, label_smoothing=eps,
-                                     chosen_num_tokens=nc, rejected_num_tokens=nr).losses.mean()
+            return L.preference_loss(
+                a,
+                b,
+                rc,
+                rr,
+                loss_type=kind,
+                beta=0.2,
+                label_smoothing=eps,
+                chosen_num_tokens=nc,
+                rejected_num_tokens=nr,
+            ).losses.mean()
 
         assert torch.autograd.gradcheck(f, (pc, pr)), kind
 
@@ -140,10 +176,13 @@ def test_gradients_flow_and_match_finite_differences():
 def test_loss_list_is_weighted_sum():
     pc, pr, rc, rr, nc, nr = make_pairs()
     kw = dict(chosen_num_tokens=nc, rejected_num_tokens=nr, beta=0.2)
-    parts = [L.preference_loss(pc, pr, rc, rr, loss_type=k, **kw).losses
-             for k in ("sigmoid", "bco_pair", "sft")]
-    mixed = L.preference_loss(pc, pr, rc, rr, loss_type=["sigmoid", "bco_pair", "sft"],
-                              loss_weights=[0.8, 0.2, 1.0], **kw).losses
+    parts = [
+        L.preference_loss(pc, pr, rc, rr, loss_type=k, **kw).losses
+        for k in ("sigmoid", "bco_pair", "sft")
+    ]
+    mixed = L.preference_loss(
+        pc, pr, rc, rr, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], **kw
+    ).losses
     torch.testing.assert_close(mixed, 0.8 * parts[0] + 0.2 * parts[1] + parts[2])
 
 
@@ -159,14 +198,25 @@ def test_wpo_weights_and_use_weighting():
     lc = pc * 0.5  # log Σ p² sums: anything ≤ the log-prob sums' scale will do
     lr = pr * 0.5
     w = L.wpo_weights(pc, pr, lc, lr, nc, nr)
-    want = [math.exp((a - b) / n) * math.exp((c - d) / m)
-            for a, b, n, c, d, m in zip(pc.tolist(), lc.tolist(), nc.tolist(), pr.tolist(),
-                                        lr.tolist(), nr.tolist())]
+    want = [
+        math.exp((a - b) / n) * math.exp((c - d) / m)
+        for a, b, n, c, d, m in zip(
+            pc.tolist(), lc.tolist(), nc.tolist(), pr.tolist(), lr.tolist(), nr.tolist()
+        )
+    ]
     torch.testing.assert_close(w, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
     kw = dict(chosen_num_tokens=nc, rejected_num_tokens=nr)
     plain = L.preference_loss(pc, pr, rc, rr, **kw).losses
-    weighted = L.preference_loss(pc, pr, rc, rr, use_weighting=True, chosen_log_sum_sq_probs=lc,
-                                 rejected_log_sum_sq_probs=lr, **kw).losses
+    weighted = L.preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        use_weighting=True,
+        chosen_log_sum_sq_probs=lc,
+        rejected_log_sum_sq_probs=lr,
+        **kw,
+    ).losses
     torch.testing.assert_close(weighted, plain * w, rtol=0, atol=0)
 
 
@@ -187,12 +237,15 @@ def test_simpo_cpo_orpo_kto_formulas():
     a, b = (pc / nc).tolist(), (pr / nr).tolist()
     beta, g, eps = 2.0, 0.7, 0.1
     s = L.simpo_loss(pc / nc, pr / nr, beta=beta, gamma=g, label_smoothing=eps).losses
-    want = [-(1 - eps) * logsig(beta * (x - y) - g) - eps * logsig(-(beta * (x - y) - g))
-            for x, y in zip(a, b)]
+    want = [
+        -(1 - eps) * logsig(beta * (x - y) - g) - eps * logsig(-(beta * (x - y) - g))
+        for x, y in zip(a, b)
+    ]
     torch.testing.assert_close(s, torch.tensor(want, dtype=torch.float64))
     for kind in L.CPO_LOSS_TYPES:
-        got = L.cpo_loss(pc, pr, beta=0.1, label_smoothing=eps, loss_type=kind,
-                         simpo_gamma=g).losses
+        got = L.cpo_loss(
+            pc, pr, beta=0.1, label_smoothing=eps, loss_type=kind, simpo_gamma=g
+        ).losses
         want = []
         for x, y in zip(pc.tolist(), pr.tolist()):
             d = x - y
@@ -208,16 +261,19 @@ def test_simpo_cpo_orpo_kto_formulas():
         torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), msg=kind)
     o = L.orpo_loss(pc / nc, pr / nr, beta=0.1)
     lo = [(x - y) - (math.log(1 - math.exp(x)) - math.log(1 - math.exp(y))) for x, y in zip(a, b)]
-    torch.testing.assert_close(o.losses, torch.tensor([-0.1 * logsig(v) for v in lo],
-                                                      dtype=torch.float64))
-    torch.testing.assert_close(o.log_odds_chosen, torch.tensor(sum(lo) / len(lo),
-                                                               dtype=torch.float64))
+    torch.testing.assert_close(
+        o.losses, torch.tensor([-0.1 * logsig(v) for v in lo], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        o.log_odds_chosen, torch.tensor(sum(lo) / len(lo), dtype=torch.float64)
+    )
     labels = torch.tensor([True, False, True, True, False, False])
     kl = torch.tensor(0.4, dtype=torch.float64)
-    k = L.kto_loss(pc, rc, labels, beta=0.1, kl=kl, desirable_weight=1.5,
-                   undesirable_weight=0.5)
-    want = [1.5 * (1 - sig(0.1 * (x - y - 0.4))) if lab else 0.5 * (1 - sig(0.1 * (0.4 - x + y)))
-            for x, y, lab in zip(pc.tolist(), rc.tolist(), labels.tolist())]
+    k = L.kto_loss(pc, rc, labels, beta=0.1, kl=kl, desirable_weight=1.5, undesirable_weight=0.5)
+    want = [
+        1.5 * (1 - sig(0.1 * (x - y - 0.4))) if lab else 0.5 * (1 - sig(0.1 * (0.4 - x + y)))
+        for x, y, lab in zip(pc.tolist(), rc.tolist(), labels.tolist())
+    ]
     torch.testing.assert_close(k.losses, torch.tensor(want, dtype=torch.float64))
     torch.testing.assert_close(L.kto_kl(pc, rc), (pc - rc).mean().clamp(min=0))
 
@@ -227,8 +283,10 @@ def test_orpo_stable_near_zero():
     x = torch.tensor([-1e-9, -1e-5], dtype=torch.float64)
     o = L.orpo_loss(x, x - 1.0, beta=1.0)
     assert torch.isfinite(o.losses).all()
-    want = [(xv - (xv - 1)) - (math.log(-math.expm1(xv)) - math.log(-math.expm1(xv - 1)))
-            for xv in x.tolist()]
+    want = [
+        (xv - (xv - 1)) - (math.log(-math.expm1(xv)) - math.log(-math.expm1(xv - 1)))
+        for xv in x.tolist()
+    ]
     torch.testing.assert_close(o.log_odds_chosen, torch.tensor(sum(want) / 2, dtype=torch.float64))
 
 
@@ -305,7 +363,15 @@ def test_loss_specs_cover_exactly_loss_types():
         assert doc and "\n" not in doc.strip(), f"{kind}: one-line formula docstring"
     # TRL 1.16's DPOTrainer.__init__ lists these as the ones an f-divergence generalises.
     assert {k for k, s in L.LOSS_SPECS.items() if s.f_divergence_ok} == {
-        "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+        "sigmoid",
+        "sigmoid_norm",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "robust",
+        "discopop",
+        "sft",
+    }
     assert {k for k, s in L.LOSS_SPECS.items() if s.needs_num_tokens} == {"ipo", "sigmoid_norm"}
     assert {k for k, s in L.LOSS_SPECS.items() if s.trl_overrides} == {"sigmoid"}
     assert L.CPO_LOSS_TYPES == ("sigmoid", "hinge", "ipo", "simpo")
@@ -321,8 +387,9 @@ def test_options_are_frozen_and_normalised():
     one = L.PreferenceOptions()
     assert one.loss_type == "sigmoid" and one.loss_types == ("sigmoid",)
     assert one.loss_weights == (1.0,)
-    assert hash(o) == hash(L.PreferenceOptions(loss_type=("sigmoid", "ipo"),
-                                               loss_weights=(1.0, 0.5)))
+    assert hash(o) == hash(
+        L.PreferenceOptions(loss_type=("sigmoid", "ipo"), loss_weights=(1.0, 0.5))
+    )
     for opts in (o, L.SimPOOptions(), L.CPOOptions(), L.ORPOOptions(), L.KTOOptions()):
         with pytest.raises(dataclasses.FrozenInstanceError):
             opts.beta = 0.5
@@ -337,10 +404,16 @@ OPTION_ERRORS = [
     (L.PreferenceOptions, dict(label_smoothing=1.0), r"\[0, 1\)"),
     (L.PreferenceOptions, dict(beta=-1.0), "beta"),
     (L.PreferenceOptions, dict(f_divergence_type="kl"), "unknown f_divergence_type"),
-    (L.PreferenceOptions, dict(loss_type=["sigmoid", "aot"], f_divergence_type="js_divergence"),
-     r"no generalisation for loss_type \['aot'\]"),
-    (L.PreferenceOptions, dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]),
-     "one weight per loss"),
+    (
+        L.PreferenceOptions,
+        dict(loss_type=["sigmoid", "aot"], f_divergence_type="js_divergence"),
+        r"no generalisation for loss_type \['aot'\]",
+    ),
+    (
+        L.PreferenceOptions,
+        dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]),
+        "one weight per loss",
+    ),
     (L.PreferenceOptions, dict(loss_type="discopop", discopop_tau=-1.0), "discopop_tau"),
     (L.SimPOOptions, dict(label_smoothing=-0.1), r"\[0, 1\)"),
     (L.CPOOptions, dict(loss_type="kto"), "unknown CPO loss_type"),
@@ -369,15 +442,16 @@ def test_trl_overrides_in_one_call():
     def part(kind, e):
         return L.preference_loss(pc, pr, rc, rr, loss_type=kind, label_smoothing=e).losses
 
-    trl = L.PreferenceOptions(loss_type=kinds, label_smoothing=eps, loss_weights=weights,
-                              trl=True)
+    trl = L.PreferenceOptions(loss_type=kinds, label_smoothing=eps, loss_weights=weights, trl=True)
     got = L._preference_loss(trl, pc, pr, rc, rr).losses
-    torch.testing.assert_close(got, 0.7 * part("sigmoid", 0.0) + 0.3 * part("robust", eps),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        got, 0.7 * part("sigmoid", 0.0) + 0.3 * part("robust", eps), rtol=0, atol=0
+    )
     ours = L.PreferenceOptions(loss_type=kinds, label_smoothing=eps, loss_weights=weights)
     got = L._preference_loss(ours, pc, pr, rc, rr).losses
-    torch.testing.assert_close(got, 0.7 * part("sigmoid", eps) + 0.3 * part("robust", eps),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        got, 0.7 * part("sigmoid", eps) + 0.3 * part("robust", eps), rtol=0, atol=0
+    )
     assert ours.label_smoothing == trl.label_smoothing == eps  # the override is per type only
 
 
@@ -387,8 +461,9 @@ def test_ld_sequence_stats():
 
     g = torch.Generator().manual_seed(5)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 1, 0, 0], [1, 1, 1, 1]])
-    per_tok = LogProbStats(*(torch.randn(4, 4, generator=g, dtype=torch.float64) * mask
-                             for _ in range(6)))
+    per_tok = LogProbStats(
+        *(torch.randn(4, 4, generator=g, dtype=torch.float64) * mask for _ in range(6))
+    )
     per_tok = per_tok._replace(num_tokens=mask)
     logps, sums = L._ld_sequence_stats(per_tok, 0.3)
     torch.testing.assert_close(logps, L.ld_logps(per_tok.logps, mask.bool(), 0.3), rtol=0, atol=0)

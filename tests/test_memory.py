@@ -15,8 +15,10 @@ B, T, D, V = 2, 64, 16, 1024
 N = B * T
 BOUND = N * V // 4
 # The Python functions behind the two custom ops, keyed by the op the dispatcher sees.
-OP_BODIES = {logprobs._fwd_op._opoverload: logprobs._forward,
-             logprobs._bwd_op._opoverload: logprobs._backward}
+OP_BODIES = {
+    logprobs._fwd_op._opoverload: logprobs._forward,
+    logprobs._bwd_op._opoverload: logprobs._backward,
+}
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -37,8 +39,11 @@ class AllocationRecorder(TorchDispatchMode):
             with self:
                 return OP_BODIES[func](*args, **kwargs)
         out = func(*args, **kwargs)
-        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                if isinstance(t, torch.Tensor)}
+        seen = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
                 numel = t.untyped_storage().nbytes() // t.element_size()
@@ -48,8 +53,9 @@ class AllocationRecorder(TorchDispatchMode):
 
 
 def _inputs():
-    hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, "cpu",
-                                                  b=B, t=T, d=D, v=V)
+    hidden, weight, labels, bias, _ = make_inputs(
+        "padded", True, torch.float32, "cpu", b=B, t=T, d=D, v=V
+    )
     return hidden, weight, labels, bias
 
 
@@ -64,8 +70,9 @@ def test_no_allocation_reaches_a_quarter_of_the_logits(case, reduction, monkeypa
     hidden, weight, labels, bias = _inputs()
     rec = AllocationRecorder()
     with rec:
-        stats = dk.linear_logprobs(hidden, weight, labels, bias, backend=backend,
-                                   reduction=reduction, return_stats=True)
+        stats = dk.linear_logprobs(
+            hidden, weight, labels, bias, backend=backend, reduction=reduction, return_stats=True
+        )
         stats.logps.sum().backward()
     assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
     assert rec.largest >= V * D, "the recorder missed the weight gradient"
@@ -90,15 +97,17 @@ def test_loss_modules_stay_below_a_quarter_of_the_logits(module, monkeypatch):
     rec = AllocationRecorder()
     with rec:
         if module.startswith("dpo"):
-            fn = dk.FusedLinearDPOLoss(backend="torch", compute_nll_loss=True,
-                                       ld_alpha=0.5 if module == "dpo_ld" else None)
+            fn = dk.FusedLinearDPOLoss(
+                backend="torch", compute_nll_loss=True, ld_alpha=0.5 if module == "dpo_ld" else None
+            )
             loss, _ = fn(weight, hidden, labels, bias, ref_h, ref_w)
         elif module == "orpo":
             loss, _ = dk.FusedLinearORPOLoss(backend="torch")(weight, hidden, labels, bias)
         else:
             prefs = torch.tensor([True, False])
             loss, _ = dk.FusedLinearKTOLoss(backend="torch", use_ref_model=True)(
-                hidden, weight, labels, bias, prefs, ref_h, ref_w)
+                hidden, weight, labels, bias, prefs, ref_h, ref_w
+            )
         loss.backward()
     assert rec.largest >= V * D, "the recorder missed the weight gradient"
     assert rec.largest < BOUND, f"{rec.where} allocated {rec.largest} elements (>= {BOUND})"

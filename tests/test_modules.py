@@ -38,9 +38,11 @@ def make(seed=0, n=2 * B, bias=True):
     end = torch.randint(4, T + 1, (n,), generator=g)
     pos = torch.arange(T)
     t[(pos < prompt[:, None]) | (pos >= end[:, None])] = -100
-    ref = (h + 0.1 * torch.randn(h.shape, generator=g),
-           w + 0.02 * torch.randn(w.shape, generator=g),
-           None if b is None else b + 0.01 * torch.randn(b.shape, generator=g))
+    ref = (
+        h + 0.1 * torch.randn(h.shape, generator=g),
+        w + 0.02 * torch.randn(w.shape, generator=g),
+        None if b is None else b + 0.01 * torch.randn(b.shape, generator=g),
+    )
     return h, w, b, t, ref
 
 
@@ -74,8 +76,15 @@ def compare(theirs_mod, ours_mod, call, h, w, b, what, scales=None):
 def test_dpo_matches_liger(loss_type, bias, ref, nll, avg):
     h, w, b, t, (rh, rw, rb) = make(seed=len(loss_type), bias=bias)
     ls = 0.1 if loss_type in ("robust", "exo_pair") else 0.0
-    kw = dict(beta=0.1, compute_nll_loss=nll, use_ref_model=ref, average_log_prob=avg,
-              loss_type=loss_type, label_smoothing=ls, alpha=0.7)
+    kw = dict(
+        beta=0.1,
+        compute_nll_loss=nll,
+        use_ref_model=ref,
+        average_log_prob=avg,
+        loss_type=loss_type,
+        label_smoothing=ls,
+        alpha=0.7,
+    )
     theirs = liger.LigerFusedLinearDPOLoss(compiled=False, **kw)
     ours = M.FusedLinearDPOLoss(**kw, backend="torch")
 
@@ -95,21 +104,51 @@ def test_simpo_cpo_orpo_match_liger(nll, bias):
     def call(m, hh, ww, bb):
         return m(ww, hh, t, bb)
 
-    compare(liger.LigerFusedLinearSimPOLoss(compute_nll_loss=nll, label_smoothing=0.1,
-                                            gamma=0.3, compiled=False),
-            M.FusedLinearSimPOLoss(compute_nll_loss=nll, label_smoothing=0.1, gamma=0.3,
-                                   backend="torch"), call, h, w, b, "simpo")
+    compare(
+        liger.LigerFusedLinearSimPOLoss(
+            compute_nll_loss=nll, label_smoothing=0.1, gamma=0.3, compiled=False
+        ),
+        M.FusedLinearSimPOLoss(
+            compute_nll_loss=nll, label_smoothing=0.1, gamma=0.3, backend="torch"
+        ),
+        call,
+        h,
+        w,
+        b,
+        "simpo",
+    )
     for avg in (False, True):
-        compare(liger.LigerFusedLinearCPOLoss(compute_nll_loss=nll, label_smoothing=0.1,
-                                              average_log_prob=avg, alpha=0.5, compiled=False),
-                M.FusedLinearCPOLoss(compute_nll_loss=nll, label_smoothing=0.1,
-                                     average_log_prob=avg, alpha=0.5, backend="torch"),
-                call, h, w, b, f"cpo avg={avg}")
+        compare(
+            liger.LigerFusedLinearCPOLoss(
+                compute_nll_loss=nll,
+                label_smoothing=0.1,
+                average_log_prob=avg,
+                alpha=0.5,
+                compiled=False,
+            ),
+            M.FusedLinearCPOLoss(
+                compute_nll_loss=nll,
+                label_smoothing=0.1,
+                average_log_prob=avg,
+                alpha=0.5,
+                backend="torch",
+            ),
+            call,
+            h,
+            w,
+            b,
+            f"cpo avg={avg}",
+        )
     for tgt in (None, nll_target):
-        compare(liger.LigerFusedLinearORPOLoss(compute_nll_loss=nll, compiled=False),
-                M.FusedLinearORPOLoss(compute_nll_loss=nll, backend="torch"),
-                lambda m, hh, ww, bb, tgt=tgt: m(ww, hh, t, bb, nll_target=tgt), h, w, b,
-                f"orpo nll_target={tgt is not None}")
+        compare(
+            liger.LigerFusedLinearORPOLoss(compute_nll_loss=nll, compiled=False),
+            M.FusedLinearORPOLoss(compute_nll_loss=nll, backend="torch"),
+            lambda m, hh, ww, bb, tgt=tgt: m(ww, hh, t, bb, nll_target=tgt),
+            h,
+            w,
+            b,
+            f"orpo nll_target={tgt is not None}",
+        )
 
 
 @pytest.mark.parametrize("ref", [True, False])
@@ -125,18 +164,27 @@ def test_kto_matches_liger(ref, avg, use_kl):
 
     # Reward sums cancel (β·(policy − ref) of both signs): compare at the scale of their terms.
     scale = 0.1 * 2 * T * 10
-    compare(liger.LigerFusedLinearKTOLoss(use_ref_model=ref, average_log_prob=avg, compiled=False),
-            M.FusedLinearKTOLoss(use_ref_model=ref, average_log_prob=avg, backend="torch"),
-            call, h, w, b, "kto", scales={4: scale, 5: scale})
+    compare(
+        liger.LigerFusedLinearKTOLoss(use_ref_model=ref, average_log_prob=avg, compiled=False),
+        M.FusedLinearKTOLoss(use_ref_model=ref, average_log_prob=avg, backend="torch"),
+        call,
+        h,
+        w,
+        b,
+        "kto",
+        scales={4: scale, 5: scale},
+    )
 
 
 def test_liger_positional_arguments_line_up():
     # A Liger user may pass constructor arguments positionally: same order, same meaning.
-    pairs = [(liger.LigerFusedLinearDPOLoss, M.FusedLinearDPOLoss),
-             (liger.LigerFusedLinearSimPOLoss, M.FusedLinearSimPOLoss),
-             (liger.LigerFusedLinearORPOLoss, M.FusedLinearORPOLoss),
-             (liger.LigerFusedLinearCPOLoss, M.FusedLinearCPOLoss),
-             (liger.LigerFusedLinearKTOLoss, M.FusedLinearKTOLoss)]
+    pairs = [
+        (liger.LigerFusedLinearDPOLoss, M.FusedLinearDPOLoss),
+        (liger.LigerFusedLinearSimPOLoss, M.FusedLinearSimPOLoss),
+        (liger.LigerFusedLinearORPOLoss, M.FusedLinearORPOLoss),
+        (liger.LigerFusedLinearCPOLoss, M.FusedLinearCPOLoss),
+        (liger.LigerFusedLinearKTOLoss, M.FusedLinearKTOLoss),
+    ]
     import inspect
 
     for theirs, ours in pairs:
@@ -145,8 +193,11 @@ def test_liger_positional_arguments_line_up():
             p2 = list(inspect.signature(getattr(ours, fn)).parameters.values())
             head = [(p.name, p.default) for p in p2[: len(p1)]]
             assert head == [(p.name, p.default) for p in p1], f"{ours.__name__}.{fn}"
-            assert all(p.kind is p.KEYWORD_ONLY for p in p2[len(p1):]
-                       if p.name not in ("ref_chosen_logps", "ref_rejected_logps")), ours
+            assert all(
+                p.kind is p.KEYWORD_ONLY
+                for p in p2[len(p1) :]
+                if p.name not in ("ref_chosen_logps", "ref_rejected_logps")
+            ), ours
 
 
 def test_step_zero_rewards_are_exactly_zero(case):
@@ -173,8 +224,7 @@ def test_triton_module_matches_torch_module(case):
     ref = tuple(x.to(device) for x in ref)
     got = []
     for be in ("torch", backend):
-        mod = M.FusedLinearDPOLoss(loss_type=["sigmoid", "ipo"], compute_nll_loss=True,
-                                   backend=be)
+        mod = M.FusedLinearDPOLoss(loss_type=["sigmoid", "ipo"], compute_nll_loss=True, backend=be)
         got.append(run(mod, lambda m, hh, ww, bb: m(ww, hh, t, bb, *ref), h, w, b))
     (l1, a1, *g1), (l2, a2, *g2) = got
     close(l2, l1, "loss")
@@ -207,9 +257,18 @@ def test_one_policy_pass_and_reference_without_autograd(monkeypatch):
     loss, out = M.FusedLinearDPOLoss(backend="torch", compute_nll_loss=True)(w, h, t, b, rh, rw, rb)
     assert calls == [(True, True), (False, False)], calls  # policy with grad, reference without
     assert set(out.metrics) == {
-        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-        "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
-        "mean_token_accuracy", "nll_loss"}
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "entropy",
+        "mean_token_accuracy",
+        "nll_loss",
+    }
     assert all(v.dim() == 0 and not v.requires_grad for v in out.metrics.values())
 
 
@@ -231,12 +290,16 @@ def test_metrics_follow_trl_definitions():
     ent = -(logp.exp() * logp).sum(-1)
     top1 = z.argmax(-1) == t
     want = {
-        "rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(),
-        "rewards/accuracies": (rc > rr).double().mean(), "rewards/margins": (rc - rr).mean(),
-        "logps/chosen": pol[:B].mean(), "logps/rejected": pol[B:].mean(),
+        "rewards/chosen": rc.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/accuracies": (rc > rr).double().mean(),
+        "rewards/margins": (rc - rr).mean(),
+        "logps/chosen": pol[:B].mean(),
+        "logps/rejected": pol[B:].mean(),
         "logits/chosen": z.mean(-1)[:B][valid[:B]].mean(),
         "logits/rejected": z.mean(-1)[B:][valid[B:]].mean(),
-        "entropy": ent[valid].mean(), "mean_token_accuracy": top1[:B][valid[:B]].double().mean(),
+        "entropy": ent[valid].mean(),
+        "mean_token_accuracy": top1[:B][valid[:B]].double().mean(),
         "nll_loss": -pol[:B].sum() / valid[:B].sum(),
     }
     for k, v in want.items():
@@ -247,7 +310,8 @@ def test_rpo_is_dpo_plus_alpha_nll():
     h, w, b, t, (rh, rw, rb) = make(seed=23)
     plain = M.FusedLinearDPOLoss(backend="torch")(w, h, t, b, rh, rw, rb)
     rpo = M.FusedLinearDPOLoss(compute_nll_loss=True, alpha=0.5, backend="torch")(
-        w, h, t, b, rh, rw, rb)
+        w, h, t, b, rh, rw, rb
+    )
     torch.testing.assert_close(rpo[0], plain[0] + 0.5 * rpo[1].nll_loss)
     valid = t[:B] != -100
     logp = (h[:B] @ w.T + b).log_softmax(-1).gather(-1, t[:B].clamp(min=0)[..., None])[..., 0]
@@ -259,8 +323,9 @@ def test_kto_kl_estimate_from_mismatched_completions():
     labels = torch.tensor([True, False, True, False])
     kl_h, kl_t = h.roll(1, 0), t.roll(1, 0)
     mod = M.FusedLinearKTOLoss(use_ref_model=True, backend="torch")
-    loss, out = mod(h, w, t, b, labels, rh, rw, rb, kl_input=kl_h, kl_target=kl_t,
-                    ref_kl_input=rh.roll(1, 0))
+    loss, out = mod(
+        h, w, t, b, labels, rh, rw, rb, kl_input=kl_h, kl_target=kl_t, ref_kl_input=rh.roll(1, 0)
+    )
     pol = dk.linear_logprobs(kl_h, w, kl_t, b, backend="torch")
     ref = dk.linear_logprobs(rh.roll(1, 0), rw, kl_t, rb, backend="torch")
     kl = (pol - ref).mean().clamp(min=0)
@@ -309,18 +374,27 @@ def test_readme_liger_swap_gives_liger_results():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    ours = next(s for s in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-                if "was: from liger_kernel" in s)
-    theirs = re.sub(r"from dpo_kernels import FusedLinearDPOLoss.*\n",
-                    "from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss as "
-                    "FusedLinearDPOLoss\n", ours)
+    ours = next(
+        s
+        for s in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+        if "was: from liger_kernel" in s
+    )
+    theirs = re.sub(
+        r"from dpo_kernels import FusedLinearDPOLoss.*\n",
+        "from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss as FusedLinearDPOLoss\n",
+        ours,
+    )
     assert theirs != ours and "dpo_kernels" not in theirs
     h, w, _, t, (rh, rw, _) = make(seed=41, bias=False)
     results = []
     for code in (ours, theirs):
-        env = {"hidden": h.clone(), "target": t, "ref_hidden": rh,
-               "lm_head": torch.nn.Linear(D, V, bias=False),
-               "ref_lm_head": torch.nn.Linear(D, V, bias=False)}
+        env = {
+            "hidden": h.clone(),
+            "target": t,
+            "ref_hidden": rh,
+            "lm_head": torch.nn.Linear(D, V, bias=False),
+            "ref_lm_head": torch.nn.Linear(D, V, bias=False),
+        }
         with torch.no_grad():
             env["lm_head"].weight.copy_(w)
             env["ref_lm_head"].weight.copy_(rw)
@@ -330,38 +404,67 @@ def test_readme_liger_swap_gives_liger_results():
         close(x, y, what)
 
 
-MODULES = (M.FusedLinearDPOLoss, M.FusedLinearSimPOLoss, M.FusedLinearCPOLoss,
-           M.FusedLinearORPOLoss, M.FusedLinearKTOLoss)
+MODULES = (
+    M.FusedLinearDPOLoss,
+    M.FusedLinearSimPOLoss,
+    M.FusedLinearCPOLoss,
+    M.FusedLinearORPOLoss,
+    M.FusedLinearKTOLoss,
+)
 
 
 @pytest.fixture
 def no_loss_runs(monkeypatch):
     """Make running any loss or LM-head pass an error: construction must check options alone."""
+
     def boom(*args, **kwargs):
         raise AssertionError("a loss ran at module construction")
 
-    for name in ("_preference_loss", "_simpo_loss", "_cpo_loss", "_orpo_loss", "_kto_loss",
-                 "linear_logprobs", "wpo_weights"):
+    for name in (
+        "_preference_loss",
+        "_simpo_loss",
+        "_cpo_loss",
+        "_orpo_loss",
+        "_kto_loss",
+        "linear_logprobs",
+        "wpo_weights",
+    ):
         monkeypatch.setattr(M, name, boom)
-    for name in ("preference_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss",
-                 "ld_logps", "_preference_loss"):
+    for name in (
+        "preference_loss",
+        "simpo_loss",
+        "cpo_loss",
+        "orpo_loss",
+        "kto_loss",
+        "ld_logps",
+        "_preference_loss",
+    ):
         monkeypatch.setattr(dk.losses, name, boom)
 
 
-@pytest.mark.parametrize("cls, kwargs, match", [
-    (M.FusedLinearDPOLoss, dict(loss_type="nope"), "unknown loss_type"),
-    (M.FusedLinearDPOLoss, dict(loss_type="robust", label_smoothing=0.7), r"\[0, 0.5\)"),
-    (M.FusedLinearDPOLoss, dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]),
-     "one weight per loss"),
-    (M.FusedLinearDPOLoss, dict(loss_type="bco_pair", f_divergence_type="forward_kl"),
-     "no generalisation"),
-    (M.FusedLinearDPOLoss, dict(ld_alpha=-0.5), "ld_alpha"),
-    (M.FusedLinearSimPOLoss, dict(beta=0.0), "beta"),
-    (M.FusedLinearSimPOLoss, dict(label_smoothing=1.5), r"\[0, 1\)"),
-    (M.FusedLinearCPOLoss, dict(loss_type="nope"), "unknown CPO loss_type"),
-    (M.FusedLinearORPOLoss, dict(beta=-1.0), "beta"),
-    (M.FusedLinearKTOLoss, dict(loss_type="nope"), "unknown KTO loss_type"),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (M.FusedLinearDPOLoss, dict(loss_type="nope"), "unknown loss_type"),
+        (M.FusedLinearDPOLoss, dict(loss_type="robust", label_smoothing=0.7), r"\[0, 0.5\)"),
+        (
+            M.FusedLinearDPOLoss,
+            dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]),
+            "one weight per loss",
+        ),
+        (
+            M.FusedLinearDPOLoss,
+            dict(loss_type="bco_pair", f_divergence_type="forward_kl"),
+            "no generalisation",
+        ),
+        (M.FusedLinearDPOLoss, dict(ld_alpha=-0.5), "ld_alpha"),
+        (M.FusedLinearSimPOLoss, dict(beta=0.0), "beta"),
+        (M.FusedLinearSimPOLoss, dict(label_smoothing=1.5), r"\[0, 1\)"),
+        (M.FusedLinearCPOLoss, dict(loss_type="nope"), "unknown CPO loss_type"),
+        (M.FusedLinearORPOLoss, dict(beta=-1.0), "beta"),
+        (M.FusedLinearKTOLoss, dict(loss_type="nope"), "unknown KTO loss_type"),
+    ],
+)
 def test_options_checked_at_construction_without_a_loss(no_loss_runs, cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
@@ -370,15 +473,33 @@ def test_options_checked_at_construction_without_a_loss(no_loss_runs, cls, kwarg
 def test_modules_hold_one_frozen_options_object(no_loss_runs):
     import dataclasses
 
-    dpo = M.FusedLinearDPOLoss(beta=0.3, loss_type=["sigmoid", "ipo"], label_smoothing=0.1,
-                               loss_weights=[1.0, 0.5], ignore_index=-1, backend="torch",
-                               compiled=False, chunk_size=4, ld_alpha=0.5)
+    dpo = M.FusedLinearDPOLoss(
+        beta=0.3,
+        loss_type=["sigmoid", "ipo"],
+        label_smoothing=0.1,
+        loss_weights=[1.0, 0.5],
+        ignore_index=-1,
+        backend="torch",
+        compiled=False,
+        chunk_size=4,
+        ld_alpha=0.5,
+    )
     assert dpo.options == dk.losses.PreferenceOptions(
-        beta=0.3, loss_type=("sigmoid", "ipo"), label_smoothing=0.1, loss_weights=(1.0, 0.5))
+        beta=0.3, loss_type=("sigmoid", "ipo"), label_smoothing=0.1, loss_weights=(1.0, 0.5)
+    )
     assert (dpo.beta, dpo.loss_type, dpo.label_smoothing, dpo.loss_weights) == (
-        0.3, ("sigmoid", "ipo"), 0.1, (1.0, 0.5))
+        0.3,
+        ("sigmoid", "ipo"),
+        0.1,
+        (1.0, 0.5),
+    )
     assert (dpo.ignore_index, dpo.backend, dpo.compiled, dpo.chunk_size, dpo.ld_alpha) == (
-        -1, "torch", False, 4, 0.5)
+        -1,
+        "torch",
+        False,
+        4,
+        0.5,
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         dpo.options.beta = 0.5
     with pytest.raises(AttributeError):

@@ -32,8 +32,13 @@ def random_config(seed):
         reduction=rng.choice(["sum", "mean", "none"]),
         bias=rng.random() < 0.5,
         opts=opts,
-        shape=dict(b=rng.randint(1, 4), t=rng.randint(1, 24), d=rng.choice([8, 16, 40, 64, 96]),
-                   v=rng.randint(1, 2000), seed=seed),
+        shape=dict(
+            b=rng.randint(1, 4),
+            t=rng.randint(1, 24),
+            d=rng.choice([8, 16, 40, 64, 96]),
+            v=rng.randint(1, 2000),
+            seed=seed,
+        ),
     )
 
 
@@ -43,7 +48,15 @@ def test_random_config(case, index):
     seed = BASE_SEED + index
     cfg = random_config(seed)
     try:
-        run_case(backend, device, cfg["dtype"], cfg["layout"], cfg["reduction"], cfg["bias"],
-                 cfg["opts"], **cfg["shape"])
+        run_case(
+            backend,
+            device,
+            cfg["dtype"],
+            cfg["layout"],
+            cfg["reduction"],
+            cfg["bias"],
+            cfg["opts"],
+            **cfg["shape"],
+        )
     except AssertionError as e:
         raise AssertionError(f"DPO_KERNELS_TEST_SEED={seed} ({cfg}): {e}") from e

@@ -114,8 +114,26 @@ def test_commands_at_the_top():
 def test_cli_demo_runs(capsys):
     from dpo_kernels.cli import main
 
-    assert main(["demo", "--pairs", "1", "--seq-len", "8", "--hidden", "16", "--vocab", "50",
-                 "--repeats", "1", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--pairs",
+                "1",
+                "--seq-len",
+                "8",
+                "--hidden",
+                "16",
+                "--vocab",
+                "50",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "max |ours - naive|" in out and "dpo_kernels" in out
     assert main(["info"]) == 0

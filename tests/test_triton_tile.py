@@ -32,10 +32,15 @@ def _padded(x):
 
 def test_tanh_within_two_ulps():
     """The tanh built from exp, over the range softcap feeds it, against float64."""
-    x = _padded(torch.cat([
-        torch.linspace(-12, 12, 4096), torch.linspace(-0.6, 0.6, 4096),
-        torch.tensor([0.0, 1e-30, -1e-30, 88.0, -88.0, 1e4, -1e4]),
-    ]))
+    x = _padded(
+        torch.cat(
+            [
+                torch.linspace(-12, 12, 4096),
+                torch.linspace(-0.6, 0.6, 4096),
+                torch.tensor([0.0, 1e-30, -1e-30, 88.0, -88.0, 1e4, -1e4]),
+            ]
+        )
+    )
     y = torch.empty_like(x)
     _tanh_kernel[(x.numel() // 1024,)](x, y, BLOCK=1024)
     exact = torch.tanh(x.double())
@@ -48,8 +53,14 @@ def test_tanh_within_two_ulps():
 def test_cast_for_store_rounds_to_nearest_even(dtype):
     """Kernel stores in bf16/fp16 round like torch (and a GPU), also under the interpreter."""
     g = torch.Generator().manual_seed(0)
-    x = _padded(torch.cat([torch.randn(8192, generator=g) * 10,
-                           torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8)])]))
+    x = _padded(
+        torch.cat(
+            [
+                torch.randn(8192, generator=g) * 10,
+                torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8)]),
+            ]
+        )
+    )
     y = torch.empty(x.shape, dtype=dtype, device=DEVICE)
     _cast_kernel[(x.numel() // 1024,)](x, y, BLOCK=1024, INTERPRETER=INTERPRET)
     assert torch.equal(y, x.to(dtype))

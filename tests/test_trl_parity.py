@@ -24,13 +24,32 @@ IGNORE = -100
 B, T, D, V = 3, 9, 8, 37
 BETA = 0.1
 DISCOPOP_TAU = 0.05  # our default, passed to TRL through args
-ACCEL = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x,
-                              gather=lambda x: x)
-DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
-               "mean_token_accuracy")
-KTO_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-               "logps/rejected", "logits/chosen", "logits/rejected", "entropy")
+ACCEL = types.SimpleNamespace(
+    device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x
+)
+DPO_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+)
+KTO_METRICS = (
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+)
 # Our metrics are float32 (cheap to log); TRL's are Python floats from float64 tensors.
 METRIC_TOL = 2e-6
 
@@ -87,7 +106,7 @@ def _ids_and_mask(n, gen):
     for i in range(n):
         prompt = int(torch.randint(1, T, (), generator=gen))
         comp = int(torch.randint(1, T - prompt + 1, (), generator=gen))
-        mask[i, prompt:prompt + comp] = 1
+        mask[i, prompt : prompt + comp] = 1
     return ids, mask
 
 
@@ -98,9 +117,13 @@ def _targets(ids, mask):
 
 def _head(gen, dtype, grad):
     """(h, W, b) with logits of O(1), so log-ratios stay moderate."""
+
     def leaf(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(
-            dtype).requires_grad_(grad)
+        return (
+            (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale)
+            .to(dtype)
+            .requires_grad_(grad)
+        )
 
     return leaf(2 * B, T - 1, D), leaf(V, D, scale=0.5), leaf(V, scale=0.5)
 
@@ -124,28 +147,52 @@ class DPOCase:
         return out.log_probs.sum(1).chunk(2)
 
     def inputs(self, precompute):
-        inputs = {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids),
-                  "completion_mask": self.mask}
+        inputs = {
+            "input_ids": self.ids,
+            "attention_mask": torch.ones_like(self.ids),
+            "completion_mask": self.mask,
+        }
         if precompute:
             with torch.no_grad():
                 inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self.naive_logps(
-                    self.ref)
+                    self.ref
+                )
         return inputs
 
-    def trl(self, *, loss_type, label_smoothing=0.0, loss_weights=None,
-            f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, use_weighting=False,
-            ld_alpha=None, precompute=False):
+    def trl(
+        self,
+        *,
+        loss_type,
+        label_smoothing=0.0,
+        loss_weights=None,
+        f_divergence_type="reverse_kl",
+        f_alpha_divergence_coef=0.5,
+        use_weighting=False,
+        ld_alpha=None,
+        precompute=False,
+    ):
         """TRL's ``DPOTrainer._compute_loss`` on a stub trainer: (loss, grads, metrics)."""
         kinds = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         stub = types.SimpleNamespace(
-            model=self.policy, accelerator=ACCEL, aux_loss_enabled=False, ld_alpha=ld_alpha,
-            precompute_ref_logps=precompute, ref_model=None if precompute else self.ref,
-            args=types.SimpleNamespace(gradient_checkpointing_kwargs=None,
-                                       discopop_tau=DISCOPOP_TAU),
-            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-            loss_types=kinds, loss_weights=list(loss_weights or [1.0] * len(kinds)), beta=BETA,
-            label_smoothing=label_smoothing, use_weighting=use_weighting,
-            _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+            model=self.policy,
+            accelerator=ACCEL,
+            aux_loss_enabled=False,
+            ld_alpha=ld_alpha,
+            precompute_ref_logps=precompute,
+            ref_model=None if precompute else self.ref,
+            args=types.SimpleNamespace(
+                gradient_checkpointing_kwargs=None, discopop_tau=DISCOPOP_TAU
+            ),
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            loss_types=kinds,
+            loss_weights=list(loss_weights or [1.0] * len(kinds)),
+            beta=BETA,
+            label_smoothing=label_smoothing,
+            use_weighting=use_weighting,
+            _metrics=defaultdict(lambda: defaultdict(list)),
+            _total_train_tokens=0,
+            _tp_size=1,
         )
         # exo_pair builds ε with torch.tensor(label_smoothing): under the float32 default its
         # log ε carries float32 rounding (3e-8 relative), so TRL runs with the case's dtype.
@@ -159,19 +206,36 @@ class DPOCase:
         metrics = {k: stub._metrics["train"][k][-1] for k in DPO_METRICS}
         return loss.detach(), grads, metrics
 
-    def ours(self, *, loss_type, label_smoothing=0.0, loss_weights=None,
-             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, use_weighting=False,
-             ld_alpha=None, precompute=False):
+    def ours(
+        self,
+        *,
+        loss_type,
+        label_smoothing=0.0,
+        loss_weights=None,
+        f_divergence_type="reverse_kl",
+        f_alpha_divergence_coef=0.5,
+        use_weighting=False,
+        ld_alpha=None,
+        precompute=False,
+    ):
         fn = FusedLinearDPOLoss(
-            beta=BETA, loss_type=loss_type, label_smoothing=label_smoothing,
-            discopop_tau=DISCOPOP_TAU, loss_weights=loss_weights,
-            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-            use_weighting=use_weighting, ld_alpha=ld_alpha, backend="torch",
+            beta=BETA,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+            discopop_tau=DISCOPOP_TAU,
+            loss_weights=loss_weights,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            use_weighting=use_weighting,
+            ld_alpha=ld_alpha,
+            backend="torch",
         )
         if precompute:
             inputs = self.inputs(True)
-            ref = dict(ref_chosen_logps=inputs["ref_chosen_logps"],
-                       ref_rejected_logps=inputs["ref_rejected_logps"])
+            ref = dict(
+                ref_chosen_logps=inputs["ref_chosen_logps"],
+                ref_rejected_logps=inputs["ref_rejected_logps"],
+            )
         else:
             ref = dict(ref_input=self.ref_h, ref_weight=self.ref_w, ref_bias=self.ref_b)
         loss, aux = fn(self.w, self.h, self.target, self.b, **ref)
@@ -241,15 +305,19 @@ def test_sigmoid_label_smoothing_is_cdpo():
     cdpo = (-(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)).mean()
     _close(loss, cdpo.detach(), 1e-10, "loss vs cDPO formula")
     _close(loss - t_loss, eps * x.detach().mean(), 1e-9, "loss − TRL vs ε·mean(x)")
-    for name, g, tg in zip(("h", "W", "b"), grads,
-                           torch.autograd.grad(cdpo, (case.h, case.w, case.b))):
+    for name, g, tg in zip(
+        ("h", "W", "b"), grads, torch.autograd.grad(cdpo, (case.h, case.w, case.b))
+    ):
         _close(g, tg, 1e-9, f"grad {name} vs cDPO formula")
 
 
-@pytest.mark.parametrize("loss_type,loss_weights", [
-    (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),
-    (["ipo", "apo_zero", "aot"], [0.5, 1.5, 0.3]),
-])
+@pytest.mark.parametrize(
+    "loss_type,loss_weights",
+    [
+        (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),
+        (["ipo", "apo_zero", "aot"], [0.5, 1.5, 0.3]),
+    ],
+)
 def test_loss_type_list(loss_type, loss_weights):
     case = DPOCase(seed=1)
     kw = dict(loss_type=loss_type, loss_weights=loss_weights, label_smoothing=0.0)
@@ -257,8 +325,11 @@ def test_loss_type_list(loss_type, loss_weights):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-@pytest.mark.parametrize("f_div,coef", [(f, 0.5) for f in F_DIVERGENCES if f != "alpha_divergence"]
-                         + [("alpha_divergence", 0.3), ("alpha_divergence", 1.0)])
+@pytest.mark.parametrize(
+    "f_div,coef",
+    [(f, 0.5) for f in F_DIVERGENCES if f != "alpha_divergence"]
+    + [("alpha_divergence", 0.3), ("alpha_divergence", 1.0)],
+)
 def test_f_divergence(loss_type, f_div, coef):
     # TRL's alpha_divergence path picks its exp clamp from a dict keyed by dtype that has no
     # float64 entry (KeyError), so coef ≠ 1 runs in float32 on both sides; coef = 1 falls back to
@@ -276,8 +347,11 @@ def test_f_divergence(loss_type, f_div, coef):
 @pytest.mark.parametrize("loss_type", ["sigmoid", ["sigmoid", "ipo"]], ids=["sigmoid", "mpo"])
 def test_wpo_weighting(loss_type):
     case = DPOCase(seed=3)
-    kw = dict(loss_type=loss_type, use_weighting=True,
-              loss_weights=None if isinstance(loss_type, str) else [1.0, 0.5])
+    kw = dict(
+        loss_type=loss_type,
+        use_weighting=True,
+        loss_weights=None if isinstance(loss_type, str) else [1.0, 0.5],
+    )
     _compare(case.ours(**kw), case.trl(**kw))
 
 
@@ -306,8 +380,14 @@ def _pairs(seed, dtype=torch.float64, scale=20.0, offset=0.0):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
 def test_cpo_loss(loss_type, eps):
     cpo = _experimental("cpo")
-    stub = types.SimpleNamespace(alpha=0.0, beta=BETA, loss_type=loss_type, simpo_gamma=0.7,
-                                 label_smoothing=eps, accelerator=ACCEL)
+    stub = types.SimpleNamespace(
+        alpha=0.0,
+        beta=BETA,
+        loss_type=loss_type,
+        simpo_gamma=0.7,
+        label_smoothing=eps,
+        accelerator=ACCEL,
+    )
     c, r = _pairs(5)
     t_losses, t_cr, t_rr = cpo.CPOTrainer.cpo_loss(stub, c, r)
     out = cpo_loss(c, r, beta=BETA, label_smoothing=eps, loss_type=loss_type, simpo_gamma=0.7)
@@ -347,12 +427,15 @@ class _KTOStub(types.SimpleNamespace):
     _compute_kl_logps = trl.KTOTrainer._compute_kl_logps
 
 
-@pytest.mark.parametrize("loss_type,kl_case,undesirable_weight", [
-    ("kto", "positive", 1.25),
-    ("kto", "clamped", 1.25),
-    ("apo_zero_unpaired", "none", 1.25),
-    ("kto", "positive", 1.33),  # not exact in float32: the weights must stay in float64
-])
+@pytest.mark.parametrize(
+    "loss_type,kl_case,undesirable_weight",
+    [
+        ("kto", "positive", 1.25),
+        ("kto", "clamped", 1.25),
+        ("apo_zero_unpaired", "none", 1.25),
+        ("kto", "positive", 1.33),  # not exact in float32: the weights must stay in float64
+    ],
+)
 def test_kto(loss_type, kl_case, undesirable_weight):
     """KTO loss, gradients and metrics against TRL's KTOTrainer, KL batch included."""
     n = 2 * B
@@ -376,15 +459,29 @@ def test_kto(loss_type, kl_case, undesirable_weight):
     weights = dict(desirable_weight=1.0, undesirable_weight=undesirable_weight)
 
     stub = _KTOStub(
-        model=policy, accelerator=ACCEL, calculate_KL=use_kl, aux_loss_enabled=False,
-        precompute_ref_logps=False, ref_model=ref,
-        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None), loss_type=loss_type,
-        beta=BETA, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0,
-        _tp_size=1, **weights,
+        model=policy,
+        accelerator=ACCEL,
+        calculate_KL=use_kl,
+        aux_loss_enabled=False,
+        precompute_ref_logps=False,
+        ref_model=ref,
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
+        loss_type=loss_type,
+        beta=BETA,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+        **weights,
     )
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask,
-              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(kl_ids),
-              "KL_completion_mask": kl_mask, "label": label}
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "completion_mask": mask,
+        "KL_input_ids": kl_ids,
+        "KL_attention_mask": torch.ones_like(kl_ids),
+        "KL_completion_mask": kl_mask,
+        "label": label,
+    }
     t_loss = trl.KTOTrainer._compute_loss(stub, policy, inputs, False)
     t_grads = torch.autograd.grad(t_loss, (h, w, b))
     t_metrics = {k: stub._metrics["train"][k][-1] for k in KTO_METRICS}
@@ -393,12 +490,25 @@ def test_kto(loss_type, kl_case, undesirable_weight):
     else:
         assert t_metrics["kl"] == 0.0
 
-    fn = FusedLinearKTOLoss(beta=BETA, use_ref_model=True, loss_type=loss_type, backend="torch",
-                            **weights)
-    kl_inputs = dict(kl_input=kl_h, kl_target=_targets(kl_ids, kl_mask),
-                     ref_kl_input=ref_kl_h) if use_kl else {}
-    loss, aux = fn(h, w, _targets(ids, mask), b, preference_labels=label, ref_input=ref_h,
-                   ref_weight=ref_w, ref_bias=ref_b, **kl_inputs)
+    fn = FusedLinearKTOLoss(
+        beta=BETA, use_ref_model=True, loss_type=loss_type, backend="torch", **weights
+    )
+    kl_inputs = (
+        dict(kl_input=kl_h, kl_target=_targets(kl_ids, kl_mask), ref_kl_input=ref_kl_h)
+        if use_kl
+        else {}
+    )
+    loss, aux = fn(
+        h,
+        w,
+        _targets(ids, mask),
+        b,
+        preference_labels=label,
+        ref_input=ref_h,
+        ref_weight=ref_w,
+        ref_bias=ref_b,
+        **kl_inputs,
+    )
     grads = torch.autograd.grad(loss, (h, w, b))
 
     _close(loss.detach(), t_loss.detach(), 1e-10, "loss")

@@ -27,7 +27,8 @@ def tokenizer():
     tok = tokenizers.Tokenizer(model)
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,16 @@ def dataset():
 def _models(tokenizer, seed=0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     policy = transformers.LlamaForCausalLM(config)
     reference = copy.deepcopy(policy)
     with torch.no_grad():  # a reference that differs, so rewards and margins are not all zero
@@ -60,15 +68,31 @@ def _models(tokenizer, seed=0):
 
 def _trainer(cls, tokenizer, dataset, tmp_path, *, ref=True, peft_config=None, **config):
     policy, reference = _models(tokenizer)
-    args = trl.DPOConfig(**{
-        "output_dir": str(tmp_path), "report_to": "none", "use_cpu": True, "bf16": False,
-        "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no", "seed": 0,
-        "learning_rate": 1e-3, "disable_tqdm": True, **config})
+    args = trl.DPOConfig(
+        **{
+            "output_dir": str(tmp_path),
+            "report_to": "none",
+            "use_cpu": True,
+            "bf16": False,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "seed": 0,
+            "learning_rate": 1e-3,
+            "disable_tqdm": True,
+            **config,
+        }
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls(model=policy, ref_model=reference if ref and peft_config is None else None,
-                   args=args, train_dataset=dataset, processing_class=tokenizer,
-                   peft_config=peft_config)
+        return cls(
+            model=policy,
+            ref_model=reference if ref and peft_config is None else None,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
 
 
 def _one_batch(trainer):
@@ -80,8 +104,7 @@ def _one_batch(trainer):
     trainer._metrics["train"].clear()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-             if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     return loss.detach(), metrics, grads
 
@@ -93,7 +116,10 @@ def _assert_parity(ours, stock):
     assert metrics.keys() == want_metrics.keys()
     for k in want_metrics:
         assert math.isclose(metrics[k], want_metrics[k], rel_tol=RTOL, abs_tol=1e-5), (
-            k, metrics[k], want_metrics[k])
+            k,
+            metrics[k],
+            want_metrics[k],
+        )
     assert grads.keys() == want_grads.keys() and grads
     for name, g in want_grads.items():
         scale = g.abs().max().clamp(min=1e-12)
@@ -111,8 +137,11 @@ CONFIGS = {
     "discopop": {"loss_type": ["discopop"]},
     "mpo_list": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
     # one loss call: TRL smooths robust and not sigmoid
-    "sigmoid_robust": {"loss_type": ["sigmoid", "robust"], "loss_weights": [0.6, 0.4],
-                       "label_smoothing": 0.1},
+    "sigmoid_robust": {
+        "loss_type": ["sigmoid", "robust"],
+        "loss_weights": [0.6, 0.4],
+        "label_smoothing": 0.1,
+    },
     "js_divergence": {"f_divergence_type": "js_divergence", "beta": 0.5},
     "alpha_divergence": {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
     "wpo": {"use_weighting": True},
@@ -126,8 +155,9 @@ def test_one_batch_matches_stock_trl(name, tokenizer, dataset, tmp_path, monkeyp
     stock = _one_batch(_trainer(trl.DPOTrainer, tokenizer, dataset, tmp_path / "s", **config))
     calls = []
     real = dk_trl.sequence_logprobs
-    monkeypatch.setattr(dk_trl, "sequence_logprobs",
-                        lambda *a, **k: calls.append(k["reduction"]) or real(*a, **k))
+    monkeypatch.setattr(
+        dk_trl, "sequence_logprobs", lambda *a, **k: calls.append(k["reduction"]) or real(*a, **k)
+    )
     ours = _one_batch(_trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path / "o", **config))
     # one fused pass for the policy and one for the reference; per token only for LD-DPO
     assert calls == ["none" if "ld_alpha" in config else "sum"] * 2
@@ -140,9 +170,12 @@ def test_precomputed_reference_logps_match(tokenizer, dataset, tmp_path):
     stock = _trainer(trl.DPOTrainer, tokenizer, dataset, tmp_path / "s", **config)
     ours = _trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path / "o", **config)
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
-        torch.testing.assert_close(torch.tensor(ours.train_dataset[column]),
-                                   torch.tensor(stock.train_dataset[column]),
-                                   rtol=RTOL, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(ours.train_dataset[column]),
+            torch.tensor(stock.train_dataset[column]),
+            rtol=RTOL,
+            atol=1e-5,
+        )
     _assert_parity(_one_batch(ours), _one_batch(stock))
 
 
@@ -150,8 +183,13 @@ def test_lora_matches_stock_and_trains(tokenizer, dataset, tmp_path):
     peft = pytest.importorskip("peft")
 
     def lora():  # random B so the adapted policy differs from the base (the reference)
-        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                               init_lora_weights=False, task_type="CAUSAL_LM")
+        return peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
 
     stock = _trainer(trl.DPOTrainer, tokenizer, dataset, tmp_path / "s", peft_config=lora())
     ours = _trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path / "o", peft_config=lora())
@@ -169,8 +207,9 @@ def test_lora_matches_stock_and_trains(tokenizer, dataset, tmp_path):
 
 
 def test_a_few_optimizer_steps_learn_the_batch(tokenizer, dataset, tmp_path):
-    trainer = _trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path, max_steps=6,
-                       learning_rate=5e-3, beta=0.5)
+    trainer = _trainer(
+        dk_trl.DPOTrainer, tokenizer, dataset, tmp_path, max_steps=6, learning_rate=5e-3, beta=0.5
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 6
@@ -194,11 +233,17 @@ def test_evaluate_matches_stock_trl(tokenizer, dataset, tmp_path):
 
 def test_sigmoid_label_smoothing_follows_trl_with_a_warning(tokenizer, dataset, tmp_path):
     policy, reference = _models(tokenizer)
-    args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
-                         label_smoothing=0.2)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, label_smoothing=0.2
+    )
     with pytest.warns(UserWarning, match="ignores label_smoothing"):
-        dk_trl.DPOTrainer(model=policy, ref_model=reference, args=args,
-                          train_dataset=dataset, processing_class=tokenizer)
+        dk_trl.DPOTrainer(
+            model=policy,
+            ref_model=reference,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def _import_again():
@@ -206,8 +251,9 @@ def _import_again():
     leaving the imported one alone."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("dpo_kernels.integrations._trl_again",
-                                                  dk_trl.__file__)
+    spec = importlib.util.spec_from_file_location(
+        "dpo_kernels.integrations._trl_again", dk_trl.__file__
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -241,11 +287,23 @@ def test_loss_options_built_once_with_trl_quirks(tokenizer, dataset, tmp_path):
 
     from dpo_kernels.losses import PreferenceOptions
 
-    trainer = _trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path,
-                       loss_type=["sigmoid", "robust"], loss_weights=[0.6, 0.4],
-                       label_smoothing=0.1, beta=0.3)
+    trainer = _trainer(
+        dk_trl.DPOTrainer,
+        tokenizer,
+        dataset,
+        tmp_path,
+        loss_type=["sigmoid", "robust"],
+        loss_weights=[0.6, 0.4],
+        label_smoothing=0.1,
+        beta=0.3,
+    )
     assert trainer.loss_options == PreferenceOptions(
-        loss_type=("sigmoid", "robust"), loss_weights=(0.6, 0.4), label_smoothing=0.1, beta=0.3,
-        discopop_tau=trainer.args.discopop_tau, trl=True)
+        loss_type=("sigmoid", "robust"),
+        loss_weights=(0.6, 0.4),
+        label_smoothing=0.1,
+        beta=0.3,
+        discopop_tau=trainer.args.discopop_tau,
+        trl=True,
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         trainer.loss_options.beta = 1.0

@@ -48,7 +48,10 @@ def _in_worker(row: dict, timeout: float) -> dict:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "dpo_kernels.bench.worker", json.dumps(row)],
-            capture_output=True, text=True, timeout=timeout, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
         )
     except subprocess.TimeoutExpired as e:
         row["error"] = f"timeout after {timeout:.0f} s"
@@ -62,6 +65,6 @@ def _in_worker(row: dict, timeout: float) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         row["error"] = f"worker exited {proc.returncode}: {tail[0][:300]}"
         return row
-    row.update(json.loads(lines[-1][len("RESULT "):]))
+    row.update(json.loads(lines[-1][len("RESULT ") :]))
     row["wall_s"] = round(time.perf_counter() - start, 2)  # the whole process: imports included
     return row

@@ -42,14 +42,23 @@ IGNORE = -100
 GEMM_PASSES = {"logprobs_fwd_bwd": 3, "dpo_step": 4}
 
 #: The package each peer needs (None: torch itself).
-REQUIRES = {"dpo_kernels": None, "naive": None, "trl_chunked": "trl", "torch_lce": None,
-            "liger": "liger_kernel", "cce": "cut_cross_entropy"}
+REQUIRES = {
+    "dpo_kernels": None,
+    "naive": None,
+    "trl_chunked": "trl",
+    "torch_lce": None,
+    "liger": "liger_kernel",
+    "cce": "cut_cross_entropy",
+}
 #: Methods with no logit softcap (Gemma 2): their rows say so instead of timing another problem.
-NO_SOFTCAP = {"torch_lce": "F.linear_cross_entropy has no softcap",
-              "liger": "LigerFusedLinearDPOLoss has no softcap"}
+NO_SOFTCAP = {
+    "torch_lce": "F.linear_cross_entropy has no softcap",
+    "liger": "LigerFusedLinearDPOLoss has no softcap",
+}
 #: Methods that compute only one of the workloads.
-ONLY_WORKLOAD = {"liger": ("dpo_step", "LigerFusedLinearDPOLoss computes a DPO loss, not "
-                           "log-probs alone")}
+ONLY_WORKLOAD = {
+    "liger": ("dpo_step", "LigerFusedLinearDPOLoss computes a DPO loss, not log-probs alone")
+}
 
 
 # ----------------------------------------------------------------------------- inputs and work
@@ -87,9 +96,18 @@ class Inputs:
     softcap: Optional[float] = None
 
 
-def make_inputs(pairs: int, seq_len: int, hidden: int, vocab: int, dtype: torch.dtype,
-                device: str, workload: str, prompt_frac: float = 0.25, seed: int = 0,
-                softcap: Optional[float] = None) -> Inputs:
+def make_inputs(
+    pairs: int,
+    seq_len: int,
+    hidden: int,
+    vocab: int,
+    dtype: torch.dtype,
+    device: str,
+    workload: str,
+    prompt_frac: float = 0.25,
+    seed: int = 0,
+    softcap: Optional[float] = None,
+) -> Inputs:
     g = torch.Generator().manual_seed(seed)
     n = 2 * pairs
     h = torch.randn(n, seq_len, hidden, generator=g)
@@ -102,16 +120,21 @@ def make_inputs(pairs: int, seq_len: int, hidden: int, vocab: int, dtype: torch.
     def put(t, grad=False):
         return t.to(device=device, dtype=dtype).requires_grad_(grad)
 
-    return Inputs(put(h, True), put(w, True), labels.to(device), put(ref_h), put(ref_w), workload,
-                  softcap)
+    return Inputs(
+        put(h, True), put(w, True), labels.to(device), put(ref_h), put(ref_w), workload, softcap
+    )
 
 
 # ----------------------------------------------------------------------------- the naive baseline
 
 
-def naive_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         softcap: Optional[float] = None, ignore_index: int = IGNORE
-                         ) -> torch.Tensor:
+def naive_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: Optional[float] = None,
+    ignore_index: int = IGNORE,
+) -> torch.Tensor:
     """Per-token log-probs the naive way (TRL <= 0.28, the DPO paper's code): ``hidden (..., D)``,
     ``weight (V, D)``, ``labels (...)`` -> ``(...)`` float32, 0 where ``labels == ignore_index``.
 
@@ -183,16 +206,23 @@ def _trl_tok(h, w, labels, softcap):
     from trl.kernels import ChunkedLogProbFunction
 
     # As TRL's fused LM head does off Triton devices: every position scored, labels clamped.
-    out = ChunkedLogProbFunction.apply(h, w, None, labels.clamp(min=0), 1.0, 32768, softcap, 1.0,
-                                       ())
+    out = ChunkedLogProbFunction.apply(
+        h, w, None, labels.clamp(min=0), 1.0, 32768, softcap, 1.0, ()
+    )
     return out[0]
 
 
 def _torch_lce_tok(h, w, labels, softcap):
     if softcap is not None:
         raise NotImplementedError(NO_SOFTCAP["torch_lce"])
-    ce = F.linear_cross_entropy(h, w, labels, reduction="none", ignore_index=IGNORE,
-                                options=torch.nn.LinearCrossEntropyOptions())
+    ce = F.linear_cross_entropy(
+        h,
+        w,
+        labels,
+        reduction="none",
+        ignore_index=IGNORE,
+        options=torch.nn.LinearCrossEntropyOptions(),
+    )
     return -ce
 
 
@@ -200,8 +230,9 @@ def _cce_tok(h, w, labels, softcap):
     from cut_cross_entropy import linear_cross_entropy
 
     impl = "cce" if h.is_cuda else "torch_compile"
-    return -linear_cross_entropy(h, w, labels, ignore_index=IGNORE, reduction="none", impl=impl,
-                                 softcap=softcap)
+    return -linear_cross_entropy(
+        h, w, labels, ignore_index=IGNORE, reduction="none", impl=impl, softcap=softcap
+    )
 
 
 def build_liger(x: Inputs):
@@ -215,8 +246,9 @@ def build_liger(x: Inputs):
 
     def step():
         x.hidden.grad = x.weight.grad = None
-        loss, _ = loss_fn(x.weight, x.hidden, x.labels, ref_input=x.ref_hidden,
-                          ref_weight=x.ref_weight)
+        loss, _ = loss_fn(
+            x.weight, x.hidden, x.labels, ref_input=x.ref_hidden, ref_weight=x.ref_weight
+        )
         loss.backward()
         return loss.detach()
 
@@ -233,8 +265,9 @@ BUILDERS = {
 }
 
 
-def unavailable_reason(method: str, softcap: Optional[float] = None,
-                       workload: Optional[str] = None) -> Optional[str]:
+def unavailable_reason(
+    method: str, softcap: Optional[float] = None, workload: Optional[str] = None
+) -> Optional[str]:
     """Why ``method`` cannot run here (a missing package or API, or a feature it lacks), or
     None."""
     if method not in BUILDERS:

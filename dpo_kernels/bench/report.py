@@ -16,8 +16,17 @@ from typing import Optional
 
 from .methods import scored_tokens, work
 
-COLUMNS = ("method", "median time", "GFLOP/s", "of GEMM", "ours / it", "step memory", "ours / it",
-           "first-step memory", "loss")
+COLUMNS = (
+    "method",
+    "median time",
+    "GFLOP/s",
+    "of GEMM",
+    "ours / it",
+    "step memory",
+    "ours / it",
+    "first-step memory",
+    "loss",
+)
 
 
 def _fmt(x, unit=""):
@@ -54,8 +63,10 @@ def _gflops(row: dict) -> Optional[float]:
 def _floor_rate(result: dict, row: dict) -> Optional[float]:
     counts = _counts(row)
     for f in result.get("floor") or ():
-        if counts is not None and ((f["hidden"], f["vocab"], f["rows"], f["dtype"])
-                                   == (row["hidden"], row["vocab"], counts[0], row["dtype"])):
+        if counts is not None and (
+            (f["hidden"], f["vocab"], f["rows"], f["dtype"])
+            == (row["hidden"], row["vocab"], counts[0], row["dtype"])
+        ):
             return f.get("gflops")
     return None
 
@@ -63,12 +74,19 @@ def _floor_rate(result: dict, row: dict) -> Optional[float]:
 def _heading(result: dict, row: dict, shape: str) -> str:
     cap = f", softcap {row['softcap']:g}" if row.get("softcap") else ""
     counts, floor = _counts(row), _floor_rate(result, row)
-    per_step = "" if counts is None else (
-        f"; {counts[0]:,} scored: {counts[1] / 1e9:,.1f} GFLOP and {counts[2] / 1e6:,.1f} MB "
-        f"least traffic per step; GEMM floor "
-        + ("not measured" if floor is None else f"{floor:,.1f} GFLOP/s"))
-    return (f"**{shape}** ({row['workload']}, {row['dtype']}; {row['tokens']} tokens, "
-            f"D = {row['hidden']}, V = {row['vocab']:,}{cap}{per_step})")
+    per_step = (
+        ""
+        if counts is None
+        else (
+            f"; {counts[0]:,} scored: {counts[1] / 1e9:,.1f} GFLOP and {counts[2] / 1e6:,.1f} MB "
+            f"least traffic per step; GEMM floor "
+            + ("not measured" if floor is None else f"{floor:,.1f} GFLOP/s")
+        )
+    )
+    return (
+        f"**{shape}** ({row['workload']}, {row['dtype']}; {row['tokens']} tokens, "
+        f"D = {row['hidden']}, V = {row['vocab']:,}{cap}{per_step})"
+    )
 
 
 def markdown(result: dict) -> str:
@@ -77,13 +95,23 @@ def markdown(result: dict) -> str:
     groups = defaultdict(list)
     for row in result["rows"]:
         name = row.get("preset") or "custom"
-        key = (name, row["tokens"], row["hidden"], row["vocab"], row.get("softcap"), row["dtype"],
-               row["workload"])
+        key = (
+            name,
+            row["tokens"],
+            row["hidden"],
+            row["vocab"],
+            row.get("softcap"),
+            row["dtype"],
+            row["workload"],
+        )
         groups[key].append(row)
     versions = result.get("versions") or {"torch": result.get("torch")}
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "python")
-    out = [f"Device: {result['device']}; {shown}; command: `{result.get('command')}`; "
-           f"{result.get('date')}.", ""]
+    out = [
+        f"Device: {result['device']}; {shown}; command: `{result.get('command')}`; "
+        f"{result.get('date')}.",
+        "",
+    ]
     if result.get("note"):
         out += [f"Note: {result['note']}", ""]
     for key, rows in groups.items():

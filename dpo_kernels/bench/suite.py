@@ -48,20 +48,30 @@ PRESETS = {
     "qwen2.5-7b": dict(hidden=3584, vocab=152064, softcap=None),
     "gemma2-2b": dict(hidden=2304, vocab=256000, softcap=30.0),
     "mistral-7b": dict(hidden=4096, vocab=32768, softcap=None),
-    "W1": dict(hidden=256, vocab=32000, softcap=None, tokens=(2048,), seq_len=256,
-               workloads=("dpo_step",)),
-    "W2": dict(hidden=512, vocab=128256, softcap=None, tokens=(2048,), seq_len=512,
-               workloads=("dpo_step",)),
+    "W1": dict(
+        hidden=256, vocab=32000, softcap=None, tokens=(2048,), seq_len=256, workloads=("dpo_step",)
+    ),
+    "W2": dict(
+        hidden=512, vocab=128256, softcap=None, tokens=(2048,), seq_len=512, workloads=("dpo_step",)
+    ),
 }
 #: Tokens per step (chosen + rejected, prompt included) for a preset, scaled to the device: a
 #: GPU runs real batch sizes; a 2-core CPU a few hundred tokens at the real D and V.
 TOKENS = {"cuda": (2048, 4096, 8192, 16384), "cpu": (128, 256)}
 SEQ_LEN = {"cuda": 1024, "cpu": 128}
 #: --quick: one small sweep that finishes in about two minutes on a 2-core CPU.
-QUICK = {"cuda": dict(preset="llama3-8b", tokens=(2048, 8192), workloads=WORKLOADS),
-         "cpu": dict(hidden=256, vocab=32000, tokens=(256, 1024), workloads=("dpo_step",))}
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}
+QUICK = {
+    "cuda": dict(preset="llama3-8b", tokens=(2048, 8192), workloads=WORKLOADS),
+    "cpu": dict(hidden=256, vocab=32000, tokens=(256, 1024), workloads=("dpo_step",)),
+}
+DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
 #: Loss agreement with ours that counts as a pass: fp32 everywhere is exact up to summation
 #: order; 16-bit peers round the logits (ours accumulate in fp32), so their loss moves by ~1e-2.
 CHECK_RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -89,8 +99,11 @@ def device_name(device: str) -> str:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "dpo_kernels": __version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dpo_kernels": __version__,
+    }
     for name in PEERS:
         try:
             out[name] = version(name)
@@ -103,8 +116,10 @@ def _split(tokens: int, seq_len: int) -> tuple[int, int]:
     """(pairs, seq_len) with 2·pairs·seq_len == tokens."""
     seq_len = min(seq_len, tokens // 2)
     if tokens % 2 or seq_len < 2 or tokens % (2 * seq_len):
-        raise ValueError(f"--tokens {tokens}: use an even count that splits into pairs of "
-                         f"{seq_len}-token sequences (e.g. a multiple of {2 * seq_len})")
+        raise ValueError(
+            f"--tokens {tokens}: use an even count that splits into pairs of "
+            f"{seq_len}-token sequences (e.g. a multiple of {2 * seq_len})"
+        )
     return tokens // (2 * seq_len), seq_len
 
 
@@ -118,13 +133,25 @@ def plan(args, device: str) -> list[dict]:
     if args.quick:
         quick = QUICK[kind]
         head = PRESETS[quick["preset"]] if "preset" in quick else quick
-        shapes += [(quick.get("preset"), head["hidden"], head["vocab"], head.get("softcap"), t,
-                    seq_len, quick["workloads"]) for t in args.tokens or quick["tokens"]]
+        shapes += [
+            (
+                quick.get("preset"),
+                head["hidden"],
+                head["vocab"],
+                head.get("softcap"),
+                t,
+                seq_len,
+                quick["workloads"],
+            )
+            for t in args.tokens or quick["tokens"]
+        ]
     elif args.hidden or args.vocab:
         if not (args.hidden and args.vocab and args.tokens):
             raise ValueError("a custom shape needs --tokens, --hidden and --vocab")
-        shapes += [(None, args.hidden, args.vocab, args.softcap, t, seq_len, WORKLOADS)
-                   for t in args.tokens]
+        shapes += [
+            (None, args.hidden, args.vocab, args.softcap, t, seq_len, WORKLOADS)
+            for t in args.tokens
+        ]
     else:
         for name in args.preset or ["llama3-8b"]:
             head = PRESETS[name]
@@ -133,12 +160,25 @@ def plan(args, device: str) -> list[dict]:
                     raise ValueError(
                         f"--preset {name} is a fixed batch ({head['tokens'][0]} tokens in "
                         f"sequences of {head['seq_len']}): drop --tokens/--seq-len, or give "
-                        f"--hidden {head['hidden']} --vocab {head['vocab']} for a sweep")
-                shapes += [(name, head["hidden"], head["vocab"], head["softcap"], t,
-                            head["seq_len"], head["workloads"]) for t in head["tokens"]]
+                        f"--hidden {head['hidden']} --vocab {head['vocab']} for a sweep"
+                    )
+                shapes += [
+                    (
+                        name,
+                        head["hidden"],
+                        head["vocab"],
+                        head["softcap"],
+                        t,
+                        head["seq_len"],
+                        head["workloads"],
+                    )
+                    for t in head["tokens"]
+                ]
             else:
-                shapes += [(name, head["hidden"], head["vocab"], head["softcap"], t, seq_len,
-                            WORKLOADS) for t in args.tokens or TOKENS[kind]]
+                shapes += [
+                    (name, head["hidden"], head["vocab"], head["softcap"], t, seq_len, WORKLOADS)
+                    for t in args.tokens or TOKENS[kind]
+                ]
     specs = []
     for preset, hidden, vocab, softcap, tokens, seq, workloads in shapes:
         pairs, seq = _split(tokens, seq)
@@ -147,12 +187,26 @@ def plan(args, device: str) -> list[dict]:
             for workload in args.workload or workloads:
                 flops, nbytes = work(workload, scored, hidden, vocab, dtype)
                 for method in args.methods:
-                    specs.append(dict(
-                        method=method, workload=workload, preset=preset, tokens=tokens,
-                        hidden=hidden, vocab=vocab, softcap=softcap, dtype=dtype, pairs=pairs,
-                        seq_len=seq, device=device, warmup=args.warmup,
-                        repeats=args.repeats or (2 if args.quick else 3), scored_tokens=scored,
-                        flops=flops, bytes=nbytes))
+                    specs.append(
+                        dict(
+                            method=method,
+                            workload=workload,
+                            preset=preset,
+                            tokens=tokens,
+                            hidden=hidden,
+                            vocab=vocab,
+                            softcap=softcap,
+                            dtype=dtype,
+                            pairs=pairs,
+                            seq_len=seq,
+                            device=device,
+                            warmup=args.warmup,
+                            repeats=args.repeats or (2 if args.quick else 3),
+                            scored_tokens=scored,
+                            flops=flops,
+                            bytes=nbytes,
+                        )
+                    )
     return specs
 
 
@@ -163,8 +217,11 @@ def floor_key(row: dict) -> tuple:
 
 def _floor_text(f: dict) -> str:
     shape = f"torch.mm [{f['rows']:,} × {f['hidden']:,}]·[{f['hidden']:,} × {f['vocab']:,}]"
-    got = (f"{f['gflops']:,.1f} GFLOP/s (median of {len(f['times_ms'])}, {f['median_ms']:,.1f} ms)"
-           if "gflops" in f else f["error"])
+    got = (
+        f"{f['gflops']:,.1f} GFLOP/s (median of {len(f['times_ms'])}, {f['median_ms']:,.1f} ms)"
+        if "gflops" in f
+        else f["error"]
+    )
     return f"GEMM floor {shape} {f['dtype']}: {got}"
 
 
@@ -198,8 +255,9 @@ def _progress(total: int):
 
 
 def run(args, argv) -> dict:
-    device = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
     specs = plan(args, device)
@@ -208,15 +266,21 @@ def run(args, argv) -> dict:
     v = versions()
     result = {
         "device": device_name(device),
-        "torch": v["torch"], "triton": v["triton"], "dpo_kernels": v["dpo_kernels"],
+        "torch": v["torch"],
+        "triton": v["triton"],
+        "dpo_kernels": v["dpo_kernels"],
         "versions": v,
         "command": " ".join(["dpo-kernels", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "memory": ("peak allocated (CUDA) or resident (CPU) memory of a timed step above what "
-                   "lives between steps"),
-        "counts": ("flops = 2·k·Nv·D·V, bytes = k·s·D·(V + Nv): Nv scored tokens, s bytes per "
-                   "element of dtype, k = 3 (logprobs_fwd_bwd) or 4 (dpo_step); floor: "
-                   "torch.mm [Nv × D]·[D × V] alone, in its own process"),
+        "memory": (
+            "peak allocated (CUDA) or resident (CPU) memory of a timed step above what "
+            "lives between steps"
+        ),
+        "counts": (
+            "flops = 2·k·Nv·D·V, bytes = k·s·D·(V + Nv): Nv scored tokens, s bytes per "
+            "element of dtype, k = 3 (logprobs_fwd_bwd) or 4 (dpo_step); floor: "
+            "torch.mm [Nv × D]·[D × V] alone, in its own process"
+        ),
         "floor": [],
         "rows": [],
     }
@@ -224,14 +288,17 @@ def run(args, argv) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     bar = _progress(len(gemms) + len(specs))
     say = bar.write if bar is not None else print
-    say(f"dpo-kernels bench on {result['device']}: {len(gemms)} GEMM floor and {len(specs)} "
-        f"method runs, each in its own process (timeout {timeout:.0f} s) -> {out}/")
+    say(
+        f"dpo-kernels bench on {result['device']}: {len(gemms)} GEMM floor and {len(specs)} "
+        f"method runs, each in its own process (timeout {timeout:.0f} s) -> {out}/"
+    )
     floors = {}
     for hidden, vocab, rows, dtype in gemms:
         if bar is not None:
             bar.set_description(f"GEMM floor D={hidden} V={vocab} {dtype}")
-        got = measure_gemm(dict(rows=rows, hidden=hidden, vocab=vocab, dtype=dtype,
-                                device=device), timeout=timeout)
+        got = measure_gemm(
+            dict(rows=rows, hidden=hidden, vocab=vocab, dtype=dtype, device=device), timeout=timeout
+        )
         entry = dict(hidden=hidden, vocab=vocab, rows=rows, dtype=dtype)
         entry.update({k: got[k] for k in ("gflops", "median_ms", "times_ms", "error") if k in got})
         floors[floor_key(entry)] = entry
@@ -246,19 +313,24 @@ def run(args, argv) -> dict:
         row = run_method(spec, timeout=timeout)
         if row["method"] == "dpo_kernels":
             ours = row
-        elif ours is not None and any(ours[k_] != row[k_] for k_ in
-                                      ("workload", "tokens", "hidden", "vocab", "dtype")):
+        elif ours is not None and any(
+            ours[k_] != row[k_] for k_ in ("workload", "tokens", "hidden", "vocab", "dtype")
+        ):
             ours = None  # a shape whose own dpo_kernels row was not selected
         _check(row, ours)
         _rates(row, floors.get(floor_key(row)))
         result["rows"].append(row)
         frac = f" ({row['gemm_frac']:4.0%} of GEMM)" if "gemm_frac" in row else ""
-        shown = (f"{row['median_ms']:10.1f} ms {row['gflops']:8.1f} GFLOP/s{frac} "
-                 f"{row['peak_mem_mb']:9.1f} MB"
-                 + (f"  loss {row['check']}" if "check" in row else "")
-                 if "median_ms" in row else row["error"])
-        say(f"[{k}/{len(specs)}] {spec['workload']:16s} {spec['tokens']:6d} tok "
-            f"{spec['method']:12s} {shown}")
+        shown = (
+            f"{row['median_ms']:10.1f} ms {row['gflops']:8.1f} GFLOP/s{frac} "
+            f"{row['peak_mem_mb']:9.1f} MB" + (f"  loss {row['check']}" if "check" in row else "")
+            if "median_ms" in row
+            else row["error"]
+        )
+        say(
+            f"[{k}/{len(specs)}] {spec['workload']:16s} {spec['tokens']:6d} tok "
+            f"{spec['method']:12s} {shown}"
+        )
         (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")  # partial too
         if bar is not None:
             bar.update()
@@ -279,33 +351,49 @@ def plot(result: dict, path: Path) -> Optional[str]:
         return "matplotlib is not installed (pip install 'dpo-kernels[bench]')"
     groups: dict[tuple, list] = {}
     for row in result["rows"]:
-        key = (row.get("preset") or f"D={row['hidden']}, V={row['vocab']}", row["workload"],
-               row["dtype"])
+        key = (
+            row.get("preset") or f"D={row['hidden']}, V={row['vocab']}",
+            row["workload"],
+            row["dtype"],
+        )
         groups.setdefault(key, []).append(row)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
     colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))  # one colour per method throughout
     for (title, workload, dtype), (ax_t, ax_m) in zip(groups, axes):
         rows = groups[(title, workload, dtype)]
         for method in METHODS:
-            pts = sorted((r["tokens"], r["median_ms"], r["peak_mem_mb"]) for r in rows
-                         if r["method"] == method and "median_ms" in r)
+            pts = sorted(
+                (r["tokens"], r["median_ms"], r["peak_mem_mb"])
+                for r in rows
+                if r["method"] == method and "median_ms" in r
+            )
             if not pts:
                 continue
-            style = dict(marker="o", label=method, color=colors[method],
-                         lw=2.5 if method == "dpo_kernels" else 1.2)
+            style = dict(
+                marker="o",
+                label=method,
+                color=colors[method],
+                lw=2.5 if method == "dpo_kernels" else 1.2,
+            )
             ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **style)
             ax_m.plot([p[0] for p in pts], [max(p[2], 0.1) for p in pts], **style)
         ticks = sorted({r["tokens"] for r in rows})
         for ax, what in ((ax_t, "median step time (ms)"), (ax_m, "peak step memory (MB)")):
-            ax.set(yscale="log", xlabel="tokens per step", ylabel=what,
-                   title=f"{title} · {workload} · {dtype}")
+            ax.set(
+                yscale="log",
+                xlabel="tokens per step",
+                ylabel=what,
+                title=f"{title} · {workload} · {dtype}",
+            )
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
-    fig.suptitle(f"{result['device']} · torch {result['torch']} · dpo-kernels "
-                 f"{result['dpo_kernels']}", fontsize=10)
+    fig.suptitle(
+        f"{result['device']} · torch {result['torch']} · dpo-kernels {result['dpo_kernels']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -314,18 +402,26 @@ def plot(result: dict, path: Path) -> Optional[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    p.add_argument("--preset", action="append", choices=list(PRESETS),
-                   help="a real LM head, or W1/W2: one fixed CPU DPO step (repeatable; default "
-                        "llama3-8b)")
+    p.add_argument(
+        "--preset",
+        action="append",
+        choices=list(PRESETS),
+        help="a real LM head, or W1/W2: one fixed CPU DPO step (repeatable; default llama3-8b)",
+    )
     p.add_argument("--tokens", type=int, nargs="+", help="tokens per step (a sweep)")
     p.add_argument("--hidden", type=int, help="hidden size D of a custom shape")
     p.add_argument("--vocab", type=int, help="vocab size V of a custom shape")
     p.add_argument("--softcap", type=float, help="final-logit softcap of a custom shape")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 1024 GPU, 128 CPU)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
-                   help="one or more (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--workload", action="append", choices=list(WORKLOADS),
-                   help="repeatable; default both")
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=sorted(DTYPES),
+        help="one or more (default bf16 on GPU, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--workload", action="append", choices=list(WORKLOADS), help="repeatable; default both"
+    )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--quick", action="store_true", help="a small sweep (~2 min on a 2-core CPU)")
     p.add_argument("--repeats", type=int, help="timed steps per run (default 3; 2 with --quick)")
@@ -338,8 +434,10 @@ def main(args, argv) -> int:
     from .report import markdown
 
     if "dpo_kernels" not in args.methods:
-        print("note: without dpo_kernels in --methods there is no ratio and no loss check",
-              file=sys.stderr)
+        print(
+            "note: without dpo_kernels in --methods there is no ratio and no loss check",
+            file=sys.stderr,
+        )
     try:
         result = run(args, argv)
     except ValueError as e:
@@ -349,6 +447,8 @@ def main(args, argv) -> int:
     print()
     print(markdown(result))
     why = plot(result, out / "results.png")
-    print(f"results: {out / 'results.json'}" + (f", plot: {out / 'results.png'}" if why is None
-                                                else f" (no plot: {why})"))
+    print(
+        f"results: {out / 'results.json'}"
+        + (f", plot: {out / 'results.png'}" if why is None else f" (no plot: {why})")
+    )
     return 0

@@ -81,9 +81,18 @@ def run(spec: dict) -> dict:
     device = spec["device"]
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    x = make_inputs(spec["pairs"], spec["seq_len"], spec["hidden"], spec["vocab"], dtype, device,
-                    spec["workload"], spec.get("prompt_frac", 0.25), spec.get("seed", 0),
-                    spec.get("softcap"))
+    x = make_inputs(
+        spec["pairs"],
+        spec["seq_len"],
+        spec["hidden"],
+        spec["vocab"],
+        dtype,
+        device,
+        spec["workload"],
+        spec.get("prompt_frac", 0.25),
+        spec.get("seed", 0),
+        spec.get("softcap"),
+    )
     step = BUILDERS[spec["method"]](x)
     cuda = device.startswith("cuda")
 
@@ -103,8 +112,13 @@ def run(spec: dict) -> dict:
         times.append(seconds)
         print(f"STEP {1e3 * times[-1]:.1f}", flush=True)  # read back if the run times out
     peak = mark.delta_mb()
-    return {"median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times],
-            "peak_mem_mb": peak, "first_step_mem_mb": first, "loss": float(loss)}
+    return {
+        "median_ms": 1e3 * statistics.median(times),
+        "times_ms": [1e3 * t for t in times],
+        "peak_mem_mb": peak,
+        "first_step_mem_mb": first,
+        "loss": float(loss),
+    }
 
 
 def gemm(spec: dict) -> dict:
@@ -137,8 +151,11 @@ def gemm(spec: dict) -> dict:
     while len(times) < max(1, spec.get("repeats", 5)) and sum(times) < budget:
         times.append(_timed(call, cuda)[0])
     med = statistics.median(times)
-    return {"median_ms": 1e3 * med, "times_ms": [1e3 * t for t in times],
-            "gflops": 2 * rows * d * v / med / 1e9}
+    return {
+        "median_ms": 1e3 * med,
+        "times_ms": [1e3 * t for t in times],
+        "gflops": 2 * rows * d * v / med / 1e9,
+    }
 
 
 def main(argv=None) -> int:

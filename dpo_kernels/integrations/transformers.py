@@ -48,6 +48,7 @@ class LMHeadSpec:
 
 # ----------------------------------------------------------------------------- the head
 
+
 def _text_config(model: nn.Module):
     config = model.config
     get = getattr(config, "get_text_config", None)
@@ -72,32 +73,73 @@ def _divide_by_logits_scaling(c):
 # z = softcap·tanh(logit_scale·(hidden_scale·h·Wᵀ + b)/softcap) over the first vocab_size rows.
 _TRANSFORMS: dict[str, Callable[[Any], dict]] = {
     **dict.fromkeys(
-        ("gemma2", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4", "gemma4_text",
-         "gemma4_unified", "vaultgemma", "nanochat", "beam", "paligemma", "mistral_large4"),
-        _softcap()),
+        (
+            "gemma2",
+            "gemma3_text",
+            "gemma3n",
+            "gemma3n_text",
+            "gemma4",
+            "gemma4_text",
+            "gemma4_unified",
+            "vaultgemma",
+            "nanochat",
+            "beam",
+            "paligemma",
+            "mistral_large4",
+        ),
+        _softcap(),
+    ),
     "recurrent_gemma": _softcap("logits_soft_cap"),
     "xlstm": _softcap("output_logit_soft_cap"),
-    **dict.fromkeys(("inkling2", "inkling2_text"), lambda c: {
-        "softcap": _attr(c, "final_logit_softcapping"),
-        "vocab_size": _attr(c, "unpadded_vocab_size")}),
-    **dict.fromkeys(("muse_spark", "muse_glimmer"), lambda c: {
-        "logit_scale": _attr(c, "output_multiplier", 1.0),
-        "softcap": _attr(c, "final_logit_softcapping")}),
-    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"),
-                    lambda c: {"logit_scale": _attr(c, "logit_scale", 1.0)}),
-    **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa",
-                     "granitemoehybrid", "granitemoeshared", "granite4_vision",
-                     "granite_docling"), _divide_by_logits_scaling),
-    **dict.fromkeys(("hyperclovax", "hyperclovax_vision_v2"),
-                    lambda c: {"logit_scale": _attr(c, "logits_scaling", 1.0)}),
+    **dict.fromkeys(
+        ("inkling2", "inkling2_text"),
+        lambda c: {
+            "softcap": _attr(c, "final_logit_softcapping"),
+            "vocab_size": _attr(c, "unpadded_vocab_size"),
+        },
+    ),
+    **dict.fromkeys(
+        ("muse_spark", "muse_glimmer"),
+        lambda c: {
+            "logit_scale": _attr(c, "output_multiplier", 1.0),
+            "softcap": _attr(c, "final_logit_softcapping"),
+        },
+    ),
+    **dict.fromkeys(
+        ("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"),
+        lambda c: {"logit_scale": _attr(c, "logit_scale", 1.0)},
+    ),
+    **dict.fromkeys(
+        (
+            "granite",
+            "granite_swa",
+            "granitemoe",
+            "granitemoe_swa",
+            "granitemoehybrid",
+            "granitemoeshared",
+            "granite4_vision",
+            "granite_docling",
+        ),
+        _divide_by_logits_scaling,
+    ),
+    **dict.fromkeys(
+        ("hyperclovax", "hyperclovax_vision_v2"),
+        lambda c: {"logit_scale": _attr(c, "logits_scaling", 1.0)},
+    ),
     "falcon_h1": lambda c: {"logit_scale": _attr(c, "lm_head_multiplier", 1.0)},
     "minicpm3": lambda c: {"hidden_scale": 1.0 / c.logits_scaling},
-    **dict.fromkeys(("inkling", "inkling_text"), lambda c: {
-        "hidden_scale": 1.0 / _attr(c, "logits_mup_width_multiplier", 1.0),
-        "vocab_size": _attr(c, "unpadded_vocab_size")}),
+    **dict.fromkeys(
+        ("inkling", "inkling_text"),
+        lambda c: {
+            "hidden_scale": 1.0 / _attr(c, "logits_mup_width_multiplier", 1.0),
+            "vocab_size": _attr(c, "unpadded_vocab_size"),
+        },
+    ),
     # Wrappers whose forward does NOT apply their text backbone's transform (plain head).
-    **dict.fromkeys(("gemma3", "aya_vision", "cohere2_vision", "granite_speech",
-                     "granite_speech_plus", "mpt"), lambda c: {}),
+    **dict.fromkeys(
+        ("gemma3", "aya_vision", "cohere2_vision", "granite_speech", "granite_speech_plus", "mpt"),
+        lambda c: {},
+    ),
 }
 
 # Heads that are not a linear layer on the backbone's last hidden state, or that mask / sparsify
@@ -114,9 +156,15 @@ _UNSUPPORTED = {
 # Config fields that mean "the logits are transformed" somewhere in transformers: an unlisted
 # model type carrying one with a non-neutral value is refused rather than guessed.
 _TRANSFORM_FIELDS = {
-    "final_logit_softcapping": None, "logits_soft_cap": None, "output_logit_soft_cap": None,
-    "logit_scale": 1.0, "logits_scaling": 1.0, "lm_head_multiplier": 1.0,
-    "output_multiplier": 1.0, "logits_mup_width_multiplier": 1.0, "unpadded_vocab_size": None,
+    "final_logit_softcapping": None,
+    "logits_soft_cap": None,
+    "output_logit_soft_cap": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "lm_head_multiplier": 1.0,
+    "output_multiplier": 1.0,
+    "logits_mup_width_multiplier": 1.0,
+    "unpadded_vocab_size": None,
 }
 
 
@@ -125,17 +173,22 @@ def _logit_transforms(model_type: str, config) -> dict:
     if model_type in _UNSUPPORTED:
         raise NotImplementedError(
             f"model type {model_type!r} is not supported by the fused LM head: "
-            f"{_UNSUPPORTED[model_type]}")
+            f"{_UNSUPPORTED[model_type]}"
+        )
     rule = _TRANSFORMS.get(model_type)
     if rule is not None:
         return rule(config)
-    odd = {name: getattr(config, name) for name, neutral in _TRANSFORM_FIELDS.items()
-           if getattr(config, name, None) not in (None, neutral)}
+    odd = {
+        name: getattr(config, name)
+        for name, neutral in _TRANSFORM_FIELDS.items()
+        if getattr(config, name, None) not in (None, neutral)
+    }
     if odd:
         raise NotImplementedError(
             f"model type {model_type!r} sets {odd}, which may transform its logits, and "
             "dpo_kernels does not know whether its forward applies them; please open an issue "
-            "(or build LMHeadSpec yourself and call dpo_kernels.linear_logprobs)")
+            "(or build LMHeadSpec yourself and call dpo_kernels.linear_logprobs)"
+        )
     return {}
 
 
@@ -169,13 +222,15 @@ def lm_head_spec(model: nn.Module) -> LMHeadSpec:
     if not any(head is child for child in model.children()):
         raise TypeError(
             f"the LM head of {type(model).__name__} ({type(head).__name__}) is not a direct "
-            "submodule: its logits go through other layers, which the fused head cannot apply")
+            "submodule: its logits go through other layers, which the fused head cannot apply"
+        )
     bias = getattr(head, "bias", None)
     transforms = _logit_transforms(getattr(model.config, "model_type", ""), _text_config(model))
     return LMHeadSpec(weight, bias, **transforms)
 
 
 # ----------------------------------------------------------------------------- wrappers
+
 
 @functools.cache
 def _sync_wrapper_types() -> tuple[type, ...]:
@@ -193,7 +248,8 @@ def _is_sync_wrapper(module: nn.Module) -> bool:
     if isinstance(module, _sync_wrapper_types()):
         return True
     return type(module).__name__ == "DeepSpeedEngine" and isinstance(
-        getattr(module, "module", None), nn.Module)
+        getattr(module, "module", None), nn.Module
+    )
 
 
 def _is_peft(module: nn.Module) -> bool:
@@ -261,10 +317,12 @@ def _full_head(weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional
         import deepspeed
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        to_gather = [p for p in params if hasattr(p, "ds_id")
-                     and p.ds_status != ZeroParamStatus.AVAILABLE]
-        ctx = (deepspeed.zero.GatheredParameters(to_gather) if to_gather
-               else contextlib.nullcontext())
+        to_gather = [
+            p for p in params if hasattr(p, "ds_id") and p.ds_status != ZeroParamStatus.AVAILABLE
+        ]
+        ctx = (
+            deepspeed.zero.GatheredParameters(to_gather) if to_gather else contextlib.nullcontext()
+        )
         with ctx:
             weight = weight.clone()
             bias = bias.clone() if bias is not None else None
@@ -277,6 +335,7 @@ def _full_head(weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional
 
 
 # ----------------------------------------------------------------------------- log-probs
+
 
 def _backbone(model: nn.Module) -> nn.Module:
     backbone = getattr(model, "base_model", None)
@@ -317,15 +376,18 @@ def sequence_logprobs(
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids must be a (B, T) tensor, got "
-            f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)}")
+            f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)}"
+        )
     if input_ids.shape[1] < 2:
         raise ValueError(
-            f"input_ids needs at least 2 positions to score one, got T={input_ids.shape[1]}")
+            f"input_ids needs at least 2 positions to score one, got T={input_ids.shape[1]}"
+        )
     for name, mask in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
         if mask is not None and (not isinstance(mask, Tensor) or mask.shape != input_ids.shape):
             raise ValueError(
                 f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
     wrapper, hf_model = _peel(model)
     spec = lm_head_spec(hf_model)
     backbone = _backbone(hf_model)
@@ -353,8 +415,16 @@ def sequence_logprobs(
             weight = weight[: spec.vocab_size]
             bias = bias[: spec.vocab_size] if bias is not None else None
         return linear_logprobs(
-            hidden, weight, labels.to(weight.device), bias, reduction=reduction,
-            temperature=temperature, logit_scale=logit_scale, softcap=spec.softcap,
-            return_stats=True, backend=backend)
+            hidden,
+            weight,
+            labels.to(weight.device),
+            bias,
+            reduction=reduction,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=spec.softcap,
+            return_stats=True,
+            backend=backend,
+        )
 
     return _call_through(model, wrapper, fused_forward)

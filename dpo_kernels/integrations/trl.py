@@ -53,8 +53,9 @@ if not SpecifierSet(",".join(SUPPORTED_TRL)).contains(trl.__version__, prereleas
 
 __all__ = ["DPOTrainer", "SUPPORTED_TRL"]
 
-_NON_MODEL_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask",
-                             "ref_chosen_logps", "ref_rejected_logps"})
+_NON_MODEL_KEYS = frozenset(
+    {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+)
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -76,12 +77,20 @@ class DPOTrainer(trl.DPOTrainer):
                 "DPOConfig(router_aux_loss_coef=0.0) or use trl.DPOTrainer"
             )
         self.loss_options = PreferenceOptions(
-            loss_type=self.loss_types, beta=self.beta, label_smoothing=self.label_smoothing,
-            loss_weights=self.loss_weights, f_divergence_type=self.f_divergence_type,
+            loss_type=self.loss_types,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            loss_weights=self.loss_weights,
+            f_divergence_type=self.f_divergence_type,
             f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            discopop_tau=self.args.discopop_tau, trl=True)
-        ignored = [t for t in self.loss_options.loss_types
-                   if "label_smoothing" in dict(LOSS_SPECS[t].trl_overrides)]
+            discopop_tau=self.args.discopop_tau,
+            trl=True,
+        )
+        ignored = [
+            t
+            for t in self.loss_options.loss_types
+            if "label_smoothing" in dict(LOSS_SPECS[t].trl_overrides)
+        ]
         if ignored and self.label_smoothing > 0:
             warnings.warn(
                 f"TRL 1.16 ignores label_smoothing for loss_type {', '.join(map(repr, ignored))} "
@@ -98,8 +107,14 @@ class DPOTrainer(trl.DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         ld = self.ld_alpha is not None
         stats = sequence_logprobs(
-            model, inputs["input_ids"], inputs.get("attention_mask"), inputs["completion_mask"],
-            reduction="none" if ld else "sum", backend=self.logprobs_backend, **model_kwargs)
+            model,
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            inputs["completion_mask"],
+            reduction="none" if ld else "sum",
+            backend=self.logprobs_backend,
+            **model_kwargs,
+        )
         if not ld:
             return stats.logps, stats
         return _ld_sequence_stats(stats, self.ld_alpha)
@@ -107,15 +122,19 @@ class DPOTrainer(trl.DPOTrainer):
     def _reference_context(self):
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
-            return use_adapter(unwrapped,
-                               adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            return use_adapter(
+                unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
+            )
         return contextlib.nullcontext()
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch: ``(chosen (P,), rejected (P,))``."""
-        with (torch.no_grad(),
-              disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              self._reference_context(), self.accelerator.autocast()):
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_context(),
+            self.accelerator.autocast(),
+        ):
             logps, _ = self._sequence_pass(model, inputs)
         return logps.chunk(2, dim=0)
 
@@ -129,9 +148,11 @@ class DPOTrainer(trl.DPOTrainer):
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            with (torch.no_grad(), disable_gradient_checkpointing(
-                    self.model, self.args.gradient_checkpointing_kwargs),
-                  self._reference_context()):
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                self._reference_context(),
+            ):
                 reference = self.ref_model if self.ref_model is not None else self.model
                 ref_logps, _ = self._sequence_pass(reference, inputs)
             ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
@@ -149,26 +170,41 @@ class DPOTrainer(trl.DPOTrainer):
         # Every loss type in one call; the options carry TRL's per-type quirks (no
         # label_smoothing for sigmoid).
         losses, chosen_rewards, rejected_rewards = _preference_loss(
-            self.loss_options, chosen_logps, rejected_logps, ref_chosen.to(chosen_logps),
-            ref_rejected.to(chosen_logps), chosen_num_tokens=chosen_len,
-            rejected_num_tokens=rejected_len, sft_loss=sft, weights=weights)
+            self.loss_options,
+            chosen_logps,
+            rejected_logps,
+            ref_chosen.to(chosen_logps),
+            ref_rejected.to(chosen_logps),
+            chosen_num_tokens=chosen_len,
+            rejected_num_tokens=rejected_len,
+            sft_loss=sft,
+            weights=weights,
+        )
         loss = losses.mean()
 
-        self._log_metrics(mode, inputs, stats, chosen_logps, rejected_logps,
-                          chosen_rewards, rejected_rewards)
+        self._log_metrics(
+            mode, inputs, stats, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards
+        )
         if return_outputs:
             warnings.warn(
                 "return_outputs=True recomputes the full logits with an extra forward pass "
-                "(deprecated in TRL as well)", FutureWarning, stacklevel=2)
-            model_kwargs = {k: v for k, v in inputs.items()
-                            if k not in _NON_MODEL_KEYS - {"input_ids", "attention_mask"}}
+                "(deprecated in TRL as well)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            model_kwargs = {
+                k: v
+                for k, v in inputs.items()
+                if k not in _NON_MODEL_KEYS - {"input_ids", "attention_mask"}
+            }
             with torch.no_grad():
                 outputs = model(**model_kwargs, use_cache=False)
             return loss, outputs
         return loss
 
-    def _log_metrics(self, mode, inputs, stats, chosen_logps, rejected_logps,
-                     chosen_rewards, rejected_rewards):
+    def _log_metrics(
+        self, mode, inputs, stats, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards
+    ):
         """TRL 1.16's DPOTrainer metrics, token-weighted across processes as TRL does."""
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
@@ -197,4 +233,5 @@ class DPOTrainer(trl.DPOTrainer):
         metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(self.accelerator.gather(chosen_logps.detach()).mean().item())
         metrics["logps/rejected"].append(
-            self.accelerator.gather(rejected_logps.detach()).mean().item())
+            self.accelerator.gather(rejected_logps.detach()).mean().item()
+        )

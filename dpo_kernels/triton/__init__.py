@@ -30,11 +30,15 @@ class TritonBackend(Backend):
             return "backend='triton' needs the triton package, which is not installed"
         interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
         if device.type != "cuda" and not interpreted:
-            return (f"backend='triton' runs on CUDA tensors (or on CPU tensors under "
-                    f"TRITON_INTERPRET=1); got tensors on {device.type!r}")
+            return (
+                f"backend='triton' runs on CUDA tensors (or on CPU tensors under "
+                f"TRITON_INTERPRET=1); got tensors on {device.type!r}"
+            )
         if dtype == torch.float64:
-            return ("backend='triton' takes float32, bfloat16 or float16; float64 runs on "
-                    "backend='torch' (or 'auto')")
+            return (
+                "backend='triton' takes float32, bfloat16 or float16; float64 runs on "
+                "backend='torch' (or 'auto')"
+            )
         return None
 
     def forward(self, x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:

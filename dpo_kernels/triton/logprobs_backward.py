@@ -19,13 +19,32 @@ from .tile import cast_for_store, logits_tile
 
 @triton.jit
 def _bwd_logit_grad_kernel(
-    H, W, BIAS, LABELS, LSE, GRAD, G,        # compacted hidden (Nv, D); G (Nv, Vc) out
-    n_rows, D, v_beg, v_count,
-    stride_hn, stride_hd, stride_wv, stride_wd, stride_gn, stride_gv,
-    pre_scale, post_scale,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    H,
+    W,
+    BIAS,
+    LABELS,
+    LSE,
+    GRAD,
+    G,  # compacted hidden (Nv, D); G (Nv, Vc) out
+    n_rows,
+    D,
+    v_beg,
+    v_count,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_gn,
+    stride_gv,
+    pre_scale,
+    post_scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -35,9 +54,27 @@ def _bwd_logit_grad_kernel(
     col_mask = cols < v_count
     offs_v = v_beg + cols
     z = logits_tile(
-        H, W, BIAS, offs_n.to(tl.int64), row_mask, offs_v, col_mask, D,
-        stride_hn, stride_hd, stride_wv, stride_wd, pre_scale, post_scale,
-        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, INTERPRETER, PRECISION,
+        H,
+        W,
+        BIAS,
+        offs_n.to(tl.int64),
+        row_mask,
+        offs_v,
+        col_mask,
+        D,
+        stride_hn,
+        stride_hd,
+        stride_wv,
+        stride_wd,
+        pre_scale,
+        post_scale,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        INTERPRETER,
+        PRECISION,
     )
     lse = tl.load(LSE + offs_n, mask=row_mask, other=0.0)
     grad = tl.load(GRAD + offs_n, mask=row_mask, other=0.0)
@@ -56,11 +93,24 @@ def _bwd_logit_grad_kernel(
 
 @triton.jit
 def _matmul_kernel(
-    A, B, C,                                 # C (M, N) = [C +] A (M, K) · B (K, N)
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    A,
+    B,
+    C,  # C (M, N) = [C +] A (M, K) · B (K, N)
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -97,11 +147,26 @@ def _matmul(a, b, out, accumulate):
     t = policy.matmul_tiles(a.dtype, a.device)
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n))
     _matmul_kernel[grid](
-        a, b, out, m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        ACCUMULATE=accumulate, INTERPRETER=t.interpreter, PRECISION=t.precision,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        a,
+        b,
+        out,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k,
+        ACCUMULATE=accumulate,
+        INTERPRETER=t.interpreter,
+        PRECISION=t.precision,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
 
 
@@ -113,7 +178,7 @@ def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
     vocab, dim = weight.shape
     dtype, device = hidden.dtype, hidden.device
     t = policy.tiles(dtype, device)
-    h_c = hidden.index_select(0, rows)       # (Nv, D) contiguous: the GEMMs need dense rows
+    h_c = hidden.index_select(0, rows)  # (Nv, D) contiguous: the GEMMs need dense rows
     lse_c = lse_c.to(torch.float32).contiguous()
     grad_c = grad_c.to(torch.float32).contiguous()
     d_hc = torch.zeros((n_rows, dim), dtype=torch.float32, device=device) if need_h else None
@@ -127,15 +192,34 @@ def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
         g = g_buf[:, :count]
         grid = (triton.cdiv(n_rows, t.block_n), triton.cdiv(count, t.block_v))
         _bwd_logit_grad_kernel[grid](
-            h_c, weight, bias if has_bias else weight, labels_c, lse_c, grad_c, g,
-            n_rows, dim, v0, count,
-            h_c.stride(0), h_c.stride(1), weight.stride(0), weight.stride(1),
-            g.stride(0), g.stride(1),
-            opts.pre_scale, opts.post_scale,
-            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
-            HAS_BIAS=has_bias, HAS_SOFTCAP=opts.has_softcap,
-            INTERPRETER=t.interpreter, PRECISION=t.precision,
-            num_warps=t.num_warps, num_stages=t.num_stages,
+            h_c,
+            weight,
+            bias if has_bias else weight,
+            labels_c,
+            lse_c,
+            grad_c,
+            g,
+            n_rows,
+            dim,
+            v0,
+            count,
+            h_c.stride(0),
+            h_c.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            g.stride(0),
+            g.stride(1),
+            opts.pre_scale,
+            opts.post_scale,
+            BLOCK_N=t.block_n,
+            BLOCK_V=t.block_v,
+            BLOCK_D=t.block_d,
+            HAS_BIAS=has_bias,
+            HAS_SOFTCAP=opts.has_softcap,
+            INTERPRETER=t.interpreter,
+            PRECISION=t.precision,
+            num_warps=t.num_warps,
+            num_stages=t.num_stages,
         )
         if need_w:
             _matmul(g.t(), h_c, d_weight[v0 : v0 + count], accumulate=False)

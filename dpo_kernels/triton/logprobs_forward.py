@@ -24,14 +24,32 @@ _LOGP, _LSE, _MEAN, _ENT, _TOP1, _LSS = (tl.constexpr(i) for i in range(6))
 
 @triton.jit
 def _fwd_partial_kernel(
-    H, W, BIAS, ROWS, LABELS, PART,          # inputs; PART [6, n_splits, Nv] fp32
-    n_rows, D, V, split_size,
-    stride_hn, stride_hd, stride_wv, stride_wd,
-    stride_pq, stride_ps,
-    pre_scale, post_scale,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_STATS: tl.constexpr,
-    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    H,
+    W,
+    BIAS,
+    ROWS,
+    LABELS,
+    PART,  # inputs; PART [6, n_splits, Nv] fp32
+    n_rows,
+    D,
+    V,
+    split_size,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_pq,
+    stride_ps,
+    pre_scale,
+    post_scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_STATS: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -52,9 +70,27 @@ def _fwd_partial_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
         z = logits_tile(
-            H, W, BIAS, rows, row_mask, offs_v, v_mask, D,
-            stride_hn, stride_hd, stride_wv, stride_wd, pre_scale, post_scale,
-            BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, INTERPRETER, PRECISION,
+            H,
+            W,
+            BIAS,
+            rows,
+            row_mask,
+            offs_v,
+            v_mask,
+            D,
+            stride_hn,
+            stride_hd,
+            stride_wv,
+            stride_wd,
+            pre_scale,
+            post_scale,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            INTERPRETER,
+            PRECISION,
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -81,10 +117,18 @@ def _fwd_partial_kernel(
 
 @triton.jit
 def _fwd_combine_kernel(
-    PART, LABELS, TOK,                       # partials, compacted labels; TOK [6, Nv] out
-    n_rows, n_splits, V, inv_V,
-    stride_pq, stride_ps, stride_tq,
-    HAS_STATS: tl.constexpr, BLOCK: tl.constexpr,
+    PART,
+    LABELS,
+    TOK,  # partials, compacted labels; TOK [6, Nv] out
+    n_rows,
+    n_splits,
+    V,
+    inv_V,
+    stride_pq,
+    stride_ps,
+    stride_tq,
+    HAS_STATS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_rows
@@ -137,21 +181,49 @@ def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
     has_bias = bias is not None
     grid = (triton.cdiv(n_rows, t.block_n), n_splits)
     _fwd_partial_kernel[grid](
-        hidden, weight, bias if has_bias else weight, rows, labels, part,
-        n_rows, dim, vocab, split_size,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        part.stride(0), part.stride(1),
-        opts.pre_scale, opts.post_scale,
-        BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
-        HAS_BIAS=has_bias, HAS_SOFTCAP=opts.has_softcap, HAS_STATS=with_stats,
-        INTERPRETER=t.interpreter, PRECISION=t.precision,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        hidden,
+        weight,
+        bias if has_bias else weight,
+        rows,
+        labels,
+        part,
+        n_rows,
+        dim,
+        vocab,
+        split_size,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        part.stride(0),
+        part.stride(1),
+        opts.pre_scale,
+        opts.post_scale,
+        BLOCK_N=t.block_n,
+        BLOCK_V=t.block_v,
+        BLOCK_D=t.block_d,
+        HAS_BIAS=has_bias,
+        HAS_SOFTCAP=opts.has_softcap,
+        HAS_STATS=with_stats,
+        INTERPRETER=t.interpreter,
+        PRECISION=t.precision,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     block = policy.combine_block(hidden.device)
     _fwd_combine_kernel[(triton.cdiv(n_rows, block),)](
-        part, labels, tok,
-        n_rows, n_splits, vocab, 1.0 / vocab,
-        part.stride(0), part.stride(1), tok.stride(0),
-        HAS_STATS=with_stats, BLOCK=block, num_warps=4,
+        part,
+        labels,
+        tok,
+        n_rows,
+        n_splits,
+        vocab,
+        1.0 / vocab,
+        part.stride(0),
+        part.stride(1),
+        tok.stride(0),
+        HAS_STATS=with_stats,
+        BLOCK=block,
+        num_warps=4,
     )
     return TokenResult(*tok.unbind())

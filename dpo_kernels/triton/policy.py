@@ -59,12 +59,16 @@ def _fp32_precision() -> str:
 
 # (interpreter, fp32 on a GPU, 16-bit on a GPU). Small interpreter tiles keep the tests fast and
 # still exercise many tiles and splits.
-_FUSED = (Tiles(16, 64, 32, 4, 1, interpreter=True, precision="ieee"),
-          Tiles(64, 128, 32, 8, 2, interpreter=False, precision="ieee"),
-          Tiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee"))
-_MATMUL = (MatmulTiles(32, 32, 32, 4, 1, interpreter=True, precision="ieee"),
-           MatmulTiles(64, 64, 32, 4, 3, interpreter=False, precision="ieee"),
-           MatmulTiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee"))
+_FUSED = (
+    Tiles(16, 64, 32, 4, 1, interpreter=True, precision="ieee"),
+    Tiles(64, 128, 32, 8, 2, interpreter=False, precision="ieee"),
+    Tiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee"),
+)
+_MATMUL = (
+    MatmulTiles(32, 32, 32, 4, 1, interpreter=True, precision="ieee"),
+    MatmulTiles(64, 64, 32, 4, 3, interpreter=False, precision="ieee"),
+    MatmulTiles(128, 128, 64, 8, 3, interpreter=False, precision="ieee"),
+)
 
 
 def _pick(table, dtype: torch.dtype, device: torch.device):

@@ -46,15 +46,27 @@ def cast_for_store(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 
 @triton.jit
 def logits_tile(
-    H, W, BIAS,                     # hidden rows, head (V, D), bias (V,)
-    rows, row_mask,                 # [BLOCK_N] int64 row indices of H, and which are real
-    offs_v, v_mask,                 # [BLOCK_V] vocab indices, and which are real
+    H,
+    W,
+    BIAS,  # hidden rows, head (V, D), bias (V,)
+    rows,
+    row_mask,  # [BLOCK_N] int64 row indices of H, and which are real
+    offs_v,
+    v_mask,  # [BLOCK_V] vocab indices, and which are real
     D,
-    stride_hn, stride_hd, stride_wv, stride_wd,
-    pre_scale, post_scale,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    pre_scale,
+    post_scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """``[BLOCK_N, BLOCK_V]`` fp32 logits ``post·tanh(pre·(h·Wᵀ + b))`` or ``pre·(h·Wᵀ + b)``."""
     offs_d = tl.arange(0, BLOCK_D)
