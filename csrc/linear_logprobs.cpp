@@ -9,11 +9,19 @@
 // gradients: the compacted fp32 rows H and dH accumulator, and per thread one tile and one
 // [Vc x D] partial: O(Nv D + threads (tile + Vc D)).
 //
-// bf16 and fp16 inputs are widened to fp32 one chunk at a time: fp32 accumulation everywhere,
-// and on CPUs without bf16 matrix units fp32 GEMMs are also the fast ones.
+// bf16 inputs on a CPU with bf16 matrix units (AMX; oneDNN's brgemm through ATen's cpublas) run
+// bf16 GEMMs with fp32 accumulation and fp32 logits (the "amx" path). The unit reads its second
+// operand packed (VNNI, blocks of 64 columns), so the logits are computed transposed,
+// Z^T = W[chunk] H[tile]^T: the head chunk is the first operand as it lies in memory and only the
+// row tiles are packed, once per call; the tile is transposed back in L2 for the fold. The
+// backward rounds G to bf16 for its two GEMMs (as the Triton backward stores it) and packs the
+// head chunk once for dH += G W[chunk]. Elsewhere (and for odd D) bf16 and fp16 are widened to
+// fp32 one chunk at a time (fp32 accumulation everywhere; on CPUs without bf16 matrix units fp32
+// GEMMs are also the fast ones).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,6 +53,96 @@ inline float exp_f32(float x) {
   return p * scale;
 }
 
+// ---- bf16 matrix units: VNNI packing and blocked brgemm calls
+
+namespace cpublas = at::native::cpublas;
+using bf16_bits = uint16_t;
+
+// brgemm's packed B is [K/2][N][2] (pairs of K interleaved) in blocks of kBlockN columns; K must
+// be even and N one of 16..64, so K is padded to even and N to whole blocks, with zeros.
+constexpr int64_t kBlockN = 64;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// B = X (K x N, row stride ld, bf16) packed: out [N/64 blocks][Kp/2][64][2].
+void pack_rows(const bf16_bits* x, int64_t K, int64_t N, int64_t ld, bf16_bits* out) {
+  const int64_t kp = round_up(K, 2), nb = round_up(N, kBlockN) / kBlockN;
+  for (int64_t j = 0; j < nb; ++j) {
+    bf16_bits* o = out + j * kp * kBlockN;
+    const int64_t c0 = j * kBlockN, n = std::min(kBlockN, N - c0);
+    for (int64_t k2 = 0; k2 < kp / 2; ++k2) {
+      const bf16_bits* r0 = x + (2 * k2) * ld + c0;
+      const bf16_bits* r1 = 2 * k2 + 1 < K ? r0 + ld : nullptr;
+      bf16_bits* ok = o + k2 * kBlockN * 2;
+      if (r1 != nullptr && n == kBlockN) {  // the common case: two whole rows, interleaved
+#pragma omp simd
+        for (int64_t c = 0; c < kBlockN; ++c) {
+          ok[2 * c] = r0[c];
+          ok[2 * c + 1] = r1[c];
+        }
+        continue;
+      }
+      for (int64_t c = 0; c < kBlockN; ++c) {
+        ok[2 * c] = c < n ? r0[c] : 0;
+        ok[2 * c + 1] = (c < n && r1 != nullptr) ? r1[c] : 0;
+      }
+    }
+  }
+}
+
+// B = X^T where X is (N x K, row stride ld, bf16): the head chunk as the logits GEMM's B. Each
+// VNNI pair of K is two adjacent elements of a row of X, so for even K this is a transpose of
+// 32-bit words, done in 16-word strips so that the output being written stays in L1.
+void pack_transposed(const bf16_bits* x, int64_t N, int64_t K, int64_t ld, bf16_bits* out) {
+  const int64_t kp = round_up(K, 2), k2n = kp / 2, nb = round_up(N, kBlockN) / kBlockN;
+  std::memset(out, 0, sizeof(bf16_bits) * nb * kp * kBlockN);
+  const bool even = K % 2 == 0 && ld % 2 == 0;
+  for (int64_t j = 0; j < nb; ++j) {
+    bf16_bits* o = out + j * kp * kBlockN;
+    const int64_t n = std::min(kBlockN, N - j * kBlockN);
+    const bf16_bits* xj = x + j * kBlockN * ld;
+    if (even) {
+      uint32_t* o32 = reinterpret_cast<uint32_t*>(o);
+      for (int64_t s0 = 0; s0 < k2n; s0 += 16) {
+        const int64_t s1 = std::min(k2n, s0 + 16);
+        const int64_t len = s1 - s0;
+        for (int64_t r = 0; r < n; ++r) {
+          const uint32_t* src = reinterpret_cast<const uint32_t*>(xj + r * ld) + s0;
+          uint32_t* dst = o32 + s0 * kBlockN + r;
+          if (len == 16) {
+            for (int64_t q = 0; q < 16; ++q) dst[q * kBlockN] = src[q];
+          } else {
+            for (int64_t q = 0; q < len; ++q) dst[q * kBlockN] = src[q];
+          }
+        }
+      }
+      continue;
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const bf16_bits* xr = xj + r * ld;
+      for (int64_t k = 0; k < K; ++k) o[((k / 2) * kBlockN + r) * 2 + k % 2] = xr[k];
+    }
+  }
+}
+
+// C (M x nb*64, row stride ldc) (+)= A (M x Kp bf16, row stride lda) . packed B (nb blocks).
+inline void brgemm_blocks(int64_t M, int64_t kp, const bf16_bits* a, int64_t lda,
+                          const bf16_bits* b, int64_t nb, float* c, int64_t ldc, bool add) {
+  for (int64_t j = 0; j < nb; ++j) {
+    cpublas::brgemm(M, kBlockN, kp, lda, kBlockN, ldc, add,
+                    reinterpret_cast<const at::BFloat16*>(a),
+                    reinterpret_cast<const at::BFloat16*>(b + j * kp * kBlockN),
+                    c + j * kBlockN, /*is_vnni=*/true);
+  }
+}
+
+inline const bf16_bits* bits(const at::Tensor& t) {
+  return reinterpret_cast<const bf16_bits*>(t.data_ptr<at::BFloat16>());
+}
+inline bf16_bits* mbits(at::Tensor& t) {
+  return reinterpret_cast<bf16_bits*>(t.data_ptr<at::BFloat16>());
+}
+
 struct Options {
   double pre_scale;   // z = post_scale * tanh(pre_scale * x) with softcap, else pre_scale * x
   double post_scale;
@@ -70,18 +168,29 @@ inline void transform_row(float* z, int64_t n, const Options& o) {
 // the compacted fp32 rows, and how the work is cut: vocabulary chunks of vc_max columns, tiles of
 // tile_rows rows. A [tile_rows x Vc] fp32 tile (512 KiB at 256 x 512) stays in a core's L2
 // between the GEMM that writes it and the pass that reads it; each thread has one.
+//
+// On the amx path h is the compacted rows in bf16, ht each row tile packed as the B of the
+// transposed logits GEMM ([D x rows], rows in blocks of 64), zt a per-thread [vc_max x rq] fp32
+// tile for Z^T (rq = tile rows rounded up to whole blocks), and dq = D rounded up to whole blocks
+// (the width of the dH and dW accumulators).
 struct Problem {
   at::Tensor hidden, weight, h, labels, tiles;
   c10::optional<at::Tensor> bias;
   Options o;
-  int64_t nv, vocab, vc_max, tile_rows, n_blocks, n_threads;
+  int64_t nv, vocab, dim, vc_max, tile_rows, n_blocks, n_threads;
+  bool amx;
+  int64_t rq, dq;
+  at::Tensor ht, zt;
 };
 
 Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
                 const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
                 const at::Tensor& rows, double pre_scale, double post_scale, bool softcap,
-                int64_t chunk_v, int64_t tile_rows) {
+                int64_t chunk_v, int64_t tile_rows, bool amx) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden and weight must be 2-D");
+  TORCH_CHECK(!amx || (hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 &&
+                       cpublas::could_pack(at::kBFloat16)),
+              "the amx path takes bfloat16 inputs with an even D on a CPU with bf16 matrix units");
   TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must be (V, D) with hidden's D");
   TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight must have hidden's dtype");
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
@@ -100,35 +209,79 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
   p.o = Options{pre_scale, post_scale, softcap};
   p.nv = rows.size(0);
   p.vocab = weight.size(0);
+  p.dim = weight.size(1);
   p.vc_max = std::max<int64_t>(1, std::min(chunk_v, p.vocab));
   p.tile_rows = tile_rows;
   p.n_blocks = (p.nv + tile_rows - 1) / tile_rows;
   p.n_threads = at::get_num_threads();
-  p.h = p.hidden.index_select(0, rows).to(at::kFloat).contiguous();  // checks rows' range
+  p.amx = amx;
+  const int64_t tr = std::min(tile_rows, p.nv);
+  p.rq = amx ? round_up(tr, kBlockN) : tr;
+  p.dq = amx ? round_up(p.dim, kBlockN) : p.dim;
+  at::Tensor h = p.hidden.index_select(0, rows);  // checks rows' range
+  const auto f32 = p.hidden.options().dtype(at::kFloat);
+  if (amx) {
+    p.h = h.contiguous();
+    p.ht = at::empty({p.n_blocks, p.dim * p.rq}, h.options());
+    p.zt = at::empty({p.n_threads, p.vc_max, p.rq}, f32);
+    at::parallel_for(0, p.n_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * tile_rows, r = std::min(tile_rows, p.nv - r0);
+        at::Tensor out = p.ht[b];
+        pack_transposed(bits(p.h) + r0 * p.dim, r, p.dim, p.dim, mbits(out));
+      }
+    });
+  } else {
+    p.h = h.to(at::kFloat).contiguous();
+  }
   p.labels = labels_c.contiguous();
-  p.tiles = at::empty({p.n_threads, std::min(tile_rows, p.nv), p.vc_max},
-                      p.hidden.options().dtype(at::kFloat));
+  p.tiles = at::empty({p.n_threads, tr, p.vc_max}, f32);
   return p;
 }
 
-// Columns c0..c0+vc of the head (and bias) in fp32, converted once per chunk.
+// Columns c0..c0+vc of the head (and bias), converted once per chunk: w in fp32, or on the amx
+// path (backward only) wk, W[chunk] packed as the B of dH += G W[chunk] (K = vc).
 struct Chunk {
   int64_t c0, vc;
   at::Tensor w, b;  // b undefined without bias
+  at::Tensor wk;
 };
 
-Chunk chunk_at(const Problem& p, int64_t c0) {
-  Chunk c{c0, std::min(p.vc_max, p.vocab - c0), {}, {}};
+Chunk chunk_at(const Problem& p, int64_t c0, bool for_backward) {
+  Chunk c{c0, std::min(p.vc_max, p.vocab - c0), {}, {}, {}};
   at::Tensor w = p.weight.narrow(0, c0, c.vc);
-  c.w = w.scalar_type() == at::kFloat ? w.contiguous() : w.to(at::kFloat).contiguous();
   if (p.bias.has_value()) c.b = p.bias->narrow(0, c0, c.vc).to(at::kFloat).unsqueeze(0);
+  if (!p.amx) {
+    c.w = w.scalar_type() == at::kFloat ? w.contiguous() : w.to(at::kFloat).contiguous();
+    return c;
+  }
+  c.w = w;  // the first operand of Z^T = W[chunk] H^T, read as it lies (weight is contiguous)
+  if (!for_backward) return c;
+  const int64_t nbd = p.dq / kBlockN, kv = round_up(c.vc, 2);
+  c.wk = at::empty({nbd * kv * kBlockN}, w.options());
+  const bf16_bits* src = bits(w);
+  bf16_bits* wk = mbits(c.wk);
+  at::parallel_for(0, nbd, 1, [&](int64_t j0, int64_t j1) {  // 64-column blocks: independent
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n = std::min(kBlockN, p.dim - j * kBlockN);
+      pack_rows(src + j * kBlockN, c.vc, n, p.dim, wk + j * kv * kBlockN);
+    }
+  });
   return c;
 }
 
-// Thread t's tile of raw logits for rows r0..r0+r: H[rows] W[chunk]^T + b[chunk].
-at::Tensor tile_logits(const Problem& p, const Chunk& c, int64_t t, int64_t r0, int64_t r) {
+// Thread t's tile of raw logits for block b (rows r0..r0+r): H[rows] W[chunk]^T + b[chunk].
+at::Tensor tile_logits(const Problem& p, const Chunk& c, int64_t t, int64_t b, int64_t r0,
+                       int64_t r) {
   at::Tensor z = p.tiles[t].narrow(0, 0, r).narrow(1, 0, c.vc);
-  at::mm_out(z, p.h.narrow(0, r0, r), c.w.t());
+  if (p.amx) {
+    at::Tensor zt = p.zt[t];
+    brgemm_blocks(c.vc, p.dim, bits(c.w), p.dim, bits(p.ht[b]), round_up(r, kBlockN) / kBlockN,
+                  zt.data_ptr<float>(), p.rq, false);
+    z.copy_(zt.narrow(0, 0, c.vc).narrow(1, 0, r).t());
+  } else {
+    at::mm_out(z, p.h.narrow(0, r0, r), c.w.t());
+  }
   if (c.b.defined()) z.add_(c.b);
   return z;
 }
@@ -254,27 +407,28 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
                                 const at::Tensor& rows, double pre_scale, double post_scale,
                                 bool softcap, bool with_stats, int64_t chunk_v,
-                                int64_t tile_rows) {
+                                int64_t tile_rows, bool amx) {
   at::NoGradGuard no_grad;
   const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
-                            chunk_v, tile_rows);
+                            chunk_v, tile_rows, amx);
   const int64_t nv = p.nv, vocab = p.vocab;
   const int64_t* lab = p.labels.data_ptr<int64_t>();
   RowState st(nv);
 
   for (int64_t c0 = 0; c0 < vocab; c0 += p.vc_max) {
-    const Chunk c = chunk_at(p, c0);
+    const Chunk c = chunk_at(p, c0, /*for_backward=*/false);
     at::parallel_for(0, p.n_blocks, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_worker;
       const int64_t t = at::get_thread_num();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
-        at::Tensor z = tile_logits(p, c, t, r0, r);
+        at::Tensor z = tile_logits(p, c, t, b, r0, r);
         float* zp = z.data_ptr<float>();
         for (int64_t k = 0; k < r; ++k) {
           fold_row(zp + k * z.stride(0), c.vc, c0, lab[r0 + k], p.o, with_stats, st, r0 + k);
         }
       }
+      if (p.amx) cpublas::brgemm_release(true);  // the thread's matrix-unit state
     });
   }
 
@@ -296,7 +450,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
       ptr[2][i] = static_cast<float>(st.sumz[i] / static_cast<double>(vocab));  // logits_sum
       ptr[3][i] = static_cast<float>(l - st.szx[i] / st.s[i]);                   // entropy_sum
       ptr[4][i] = st.target[i] >= st.zmax[i] ? 1.f : 0.f;                        // top1_correct
-      ptr[5][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // log_sum_sq_probs_sum
+      ptr[5][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // lss
     }
   }
   return out;
@@ -309,10 +463,10 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& rows, const at::Tensor& lse_c,
                                  const at::Tensor& grad_c, double pre_scale, double post_scale,
                                  bool softcap, bool need_h, bool need_w, bool need_b,
-                                 int64_t chunk_v, int64_t tile_rows) {
+                                 int64_t chunk_v, int64_t tile_rows, bool amx) {
   at::NoGradGuard no_grad;
   const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
-                            chunk_v, tile_rows);
+                            chunk_v, tile_rows, amx);
   const int64_t nv = p.nv, vocab = p.vocab, dim = p.weight.size(1), n_threads = p.n_threads;
   TORCH_CHECK(lse_c.dim() == 1 && lse_c.size(0) == nv && grad_c.dim() == 1 && grad_c.size(0) == nv,
               "lse_c and grad_c must be 1-D with one value per row");
@@ -320,33 +474,58 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
   const at::Tensor lse = lse_c.to(at::kFloat).contiguous();
   const at::Tensor g = grad_c.to(at::kFloat).contiguous();
   const auto f32 = p.hidden.options().dtype(at::kFloat);
-  at::Tensor dh_acc = need_h ? at::zeros({nv, dim}, f32) : at::Tensor();
+  const int64_t dq = p.dq;  // dim, or on the amx path dim rounded up to whole 64-column blocks
+  at::Tensor dh_acc = need_h ? at::zeros({nv, dq}, f32) : at::Tensor();
   at::Tensor dw = need_w ? at::empty_like(p.weight) : at::empty({0}, p.weight.options());
   at::Tensor db = need_b ? at::empty({vocab}, p.bias->options())
                          : at::empty({0}, p.weight.options());
   // Per thread: partial dW / db of the chunk over the thread's row blocks, summed in thread order
   // after each chunk (the block-to-thread split is fixed by the thread count, so results repeat
   // bitwise from run to run).
-  at::Tensor dw_part = need_w ? at::empty({n_threads, p.vc_max, dim}, f32) : at::Tensor();
+  at::Tensor dw_part = need_w && !p.amx ? at::empty({n_threads, p.vc_max, dq}, f32)
+                                         : at::Tensor();
   at::Tensor db_part = need_b ? at::empty({n_threads, p.vc_max}, f32) : at::Tensor();
   std::vector<char> used(n_threads, 0);
+  // amx path: per thread G in bf16 (rows x kv_max, K padded to even with zeros); the chunk's G^T
+  // for all rows (vc_max x nq, nq = Nv rounded up to even), which a second pass over 32-row
+  // slices of the chunk turns into dW[slice] = G^T[slice] H with K = all rows in one GEMM (no
+  // per-thread partials to add), through an L2-sized fp32 slice per thread; all rows packed once
+  // as that GEMM's B.
+  const int64_t kv_max = round_up(p.vc_max, 2), nq = round_up(nv, 2), nbd = dq / kBlockN;
+  constexpr int64_t kSlice = 32;
+  at::Tensor g16, gtall, hk, wslice;
+  if (p.amx) {
+    const auto bf = p.hidden.options();
+    g16 = at::zeros({n_threads, std::min(p.tile_rows, nv), kv_max}, bf);
+    if (need_w) {
+      gtall = at::zeros({p.vc_max, nq}, bf);
+      wslice = at::empty({n_threads, kSlice, dq}, f32);
+      hk = at::empty({nbd * nq * kBlockN}, bf);
+      at::parallel_for(0, nbd, 1, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t n = std::min(kBlockN, dim - j * kBlockN);
+          pack_rows(bits(p.h) + j * kBlockN, nv, n, dim, mbits(hk) + j * nq * kBlockN);
+        }
+      });
+    }
+  }
   const int64_t* lab = p.labels.data_ptr<int64_t>();
   const float* lsp = lse.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
 
   for (int64_t c0 = 0; c0 < vocab; c0 += p.vc_max) {
-    const Chunk c = chunk_at(p, c0);
-    const int64_t vc = c.vc;
+    const Chunk c = chunk_at(p, c0, /*for_backward=*/true);
+    const int64_t vc = c.vc, kv = round_up(vc, 2);
     std::fill(used.begin(), used.end(), 0);
     at::parallel_for(0, p.n_blocks, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_worker;
       const int64_t t = at::get_thread_num();
       used[t] = 1;
-      at::Tensor dw_t = need_w ? dw_part[t].narrow(0, 0, vc) : at::Tensor();
+      at::Tensor dw_t = need_w && !p.amx ? dw_part[t].narrow(0, 0, vc) : at::Tensor();
       at::Tensor db_t = need_b ? db_part[t].narrow(0, 0, vc) : at::Tensor();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
-        at::Tensor z = tile_logits(p, c, t, r0, r);
+        at::Tensor z = tile_logits(p, c, t, b, r0, r);
         const at::Tensor h_b = p.h.narrow(0, r0, r);
         float* zp = z.data_ptr<float>();
         for (int64_t k = 0; k < r; ++k) {
@@ -354,21 +533,50 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
           const int64_t y = std::min(std::max<int64_t>(lab[i], 0), vocab - 1);
           grad_row(zp + k * z.stride(0), vc, c0, y, lsp[i], gp[i], p.o);
         }
-        if (need_h) dh_acc.narrow(0, r0, r).addmm_(z, c.w);  // this block's rows only
-        if (need_w) {
-          if (b == b0) at::mm_out(dw_t, z.t(), h_b);
-          else dw_t.addmm_(z.t(), h_b);
+        if (p.amx) {
+          // G rounded to bf16 (zero padding stays zero), then dH[tile] += G W[chunk] and
+          // dW[chunk] (+)= G^T H[tile] on the matrix units, fp32 accumulation.
+          at::Tensor gb = g16[t];
+          gb.narrow(0, 0, r).narrow(1, 0, vc).copy_(z);
+          if (kv > vc) gb.narrow(0, 0, r).narrow(1, vc, kv - vc).zero_();
+          if (need_h) {
+            brgemm_blocks(r, kv, bits(gb), kv_max, bits(c.wk), nbd,
+                          dh_acc.data_ptr<float>() + r0 * dq, dq, true);
+          }
+          if (need_w) {  // this tile's columns of G^T (its padding column stays zero)
+            gtall.narrow(0, 0, vc).narrow(1, r0, r).copy_(gb.narrow(0, 0, r).narrow(1, 0, vc).t());
+          }
+        } else {
+          if (need_h) dh_acc.narrow(0, r0, r).addmm_(z, c.w);  // this block's rows only
+          if (need_w) {
+            if (b == b0) at::mm_out(dw_t, z.t(), h_b);
+            else dw_t.addmm_(z.t(), h_b);
+          }
         }
         if (need_b) {
           if (b == b0) at::sum_out(db_t, z, {0});
           else db_t.add_(z.sum(0));
         }
       }
+      if (p.amx) cpublas::brgemm_release(true);
     });
+    if (p.amx && need_w) {
+      at::parallel_for(0, (vc + kSlice - 1) / kSlice, 1, [&](int64_t s0, int64_t s1) {
+        at::NoGradGuard no_grad_worker;
+        at::Tensor ws = wslice[at::get_thread_num()];
+        for (int64_t sl = s0; sl < s1; ++sl) {
+          const int64_t v0 = sl * kSlice, m = std::min(kSlice, vc - v0);
+          brgemm_blocks(m, nq, bits(gtall) + v0 * nq, nq, bits(hk), nbd, ws.data_ptr<float>(),
+                        dq, false);
+          dw.narrow(0, c0 + v0, m).copy_(ws.narrow(0, 0, m).narrow(1, 0, dim));
+        }
+        cpublas::brgemm_release(true);
+      });
+    }
     at::Tensor dw_c, db_c;
     for (int64_t t = 0; t < n_threads; ++t) {
       if (!used[t]) continue;
-      if (need_w) {
+      if (need_w && !p.amx) {
         at::Tensor part = dw_part[t].narrow(0, 0, vc);
         dw_c = dw_c.defined() ? dw_c.add_(part) : part;
       }
@@ -377,19 +585,23 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
         db_c = db_c.defined() ? db_c.add_(part) : part;
       }
     }
-    if (need_w) dw.narrow(0, c0, vc).copy_(dw_c);
+    if (need_w && !p.amx) dw.narrow(0, c0, vc).copy_(dw_c);
     if (need_b) db.narrow(0, c0, vc).copy_(db_c);
   }
   at::Tensor dh = at::empty({0}, p.hidden.options());
   if (need_h) {
     dh = at::zeros_like(p.hidden);
-    dh.index_copy_(0, rows, dh_acc.to(p.hidden.scalar_type()));
+    dh.index_copy_(0, rows, dh_acc.narrow(1, 0, dim).to(p.hidden.scalar_type()));
   }
   return {dh, dw, db};
 }
+
+// Whether this CPU runs bf16 GEMMs on matrix units (the amx path): oneDNN's packed brgemm.
+bool amx_bf16() { return cpublas::could_pack(at::kBFloat16); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpo_kernels CPU backend: fused linear log-probs (forward and backward)";
   m.def("forward", &forward, "per-token log-probs, lse and stats of the compacted rows");
   m.def("backward", &backward, "gradients of sum(grad_c * logp) w.r.t. hidden, weight, bias");
+  m.def("amx_bf16", &amx_bf16, "whether bf16 GEMMs run on matrix units here");
 }

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from . import __version__
+from . import __version__, cpu
 from .backend import available, get
 from .bench.methods import naive_token_logprobs
 from .logprobs import linear_logprobs
@@ -126,6 +126,12 @@ def info(_args) -> int:
         reasons.update({k: v for k, v in available("cpu").items() if k != "triton"})
     for name, reason in reasons.items():
         print(f"backend {name}: {'available' if reason is None else reason}")
+    if reasons["cpp"] is None:
+        try:
+            path, why = cpu.bf16_path()
+            print(f"backend cpp, bf16 inputs: {path} ({why})")
+        except (ValueError, cpu.BackendUnavailable) as e:
+            print(f"backend cpp, bf16 inputs: {e}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1: Triton kernels run interpreted on the CPU (slow; for tests)")
     return 0

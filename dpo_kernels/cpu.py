@@ -10,6 +10,11 @@ ninja), ``backend="auto"`` falls back to the torch reference with one warning an
 
 ``DPO_KERNELS_CACHE`` sets the cache folder (default ``~/.cache/dpo_kernels``);
 ``DPO_KERNELS_NO_CPP=1`` disables the backend (``"auto"`` then uses the torch reference quietly).
+
+bf16 inputs run on the CPU's bf16 matrix units (AMX, through oneDNN's brgemm in ATen) where it
+has them, else widened to fp32 tiles: :func:`bf16_path` says which and why;
+``DPO_KERNELS_CPU_BF16=amx`` or ``=widen`` forces one (``amx`` raises where the CPU lacks the
+units), so both are tested and timed on one machine.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 
 from .backend import Backend, BackendUnavailable, Grads, TokenResult, chunk_budget_bytes, register
 
-__all__ = ["BACKEND", "BackendUnavailable", "CppBackend", "load"]
+__all__ = ["BACKEND", "BF16_PATHS", "BackendUnavailable", "CppBackend", "bf16_path", "load"]
 
 SOURCES = ("linear_logprobs.cpp",)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -37,8 +42,14 @@ DEFAULT_CHUNK_V = 512
 # Rows per tile: a [rows x Vc] fp32 tile of 512 KiB fits a core's L2 with the head chunk's rows.
 TILE_ROWS = 256
 # -fno-trapping-math lets the row loops (and exp's clamp) vectorise; NaNs are counted explicitly.
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fopenmp-simd", "-fno-math-errno",
-          "-fno-trapping-math")
+CFLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+)
 
 _lock = threading.Lock()
 _module = None
@@ -75,7 +86,8 @@ def _build_key(src: Path) -> str:
 
 def _cache_dir() -> Path:
     root = os.environ.get("DPO_KERNELS_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "dpo_kernels")
+        os.path.expanduser("~"), ".cache", "dpo_kernels"
+    )
     return Path(root)
 
 
@@ -98,11 +110,18 @@ def _build():
             return module
         except (ImportError, OSError):  # e.g. a link cut short: let ninja rebuild it
             pass
-    print(f"dpo_kernels: building the C++ CPU backend once (about a minute) in {build_dir}",
-          file=sys.stderr, flush=True)
+    print(
+        f"dpo_kernels: building the C++ CPU backend once (about a minute) in {build_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     return cpp_extension.load(
-        name=name, sources=[str(src / s) for s in SOURCES], build_directory=str(build_dir),
-        extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], verbose=False,
+        name=name,
+        sources=[str(src / s) for s in SOURCES],
+        build_directory=str(build_dir),
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
     )
 
 
@@ -126,6 +145,35 @@ def load():
     if _module is None:
         raise BackendUnavailable(f"backend='cpp' is not available: {_error}")
     return _module
+
+
+BF16_PATHS = ("amx", "widen")
+
+
+def bf16_path() -> tuple[str, str]:
+    """``(path, why)``: how the C++ backend runs bf16 inputs here — ``"amx"`` (bf16 GEMMs on the
+    CPU's matrix units, fp32 accumulation) or ``"widen"`` (fp32 GEMMs on widened tiles)."""
+    forced = os.environ.get("DPO_KERNELS_CPU_BF16", "auto")
+    if forced not in ("auto", *BF16_PATHS):
+        raise ValueError(f"DPO_KERNELS_CPU_BF16 must be auto, amx or widen, got {forced!r}")
+    has_units = bool(load().amx_bf16())
+    if forced == "widen":
+        return "widen", "forced by DPO_KERNELS_CPU_BF16=widen"
+    if forced == "amx":
+        if not has_units:
+            raise BackendUnavailable(
+                "DPO_KERNELS_CPU_BF16=amx: this CPU has no bf16 matrix units (oneDNN cannot pack "
+                "bf16 for them); unset it or use widen"
+            )
+        return "amx", "forced by DPO_KERNELS_CPU_BF16=amx"
+    if has_units:
+        return "amx", "this CPU has bf16 matrix units (AMX)"
+    return "widen", "this CPU has no bf16 matrix units: fp32 GEMMs on widened tiles are faster"
+
+
+def _amx(dtype: torch.dtype, dim: int) -> bool:
+    # An odd D has no whole pairs for the matrix unit's layout: widen (no real head has one).
+    return dtype == torch.bfloat16 and dim % 2 == 0 and bf16_path()[0] == "amx"
 
 
 def _chunk_v(n_rows: int, vocab: int) -> int:
@@ -155,16 +203,28 @@ class CppBackend(Backend):
         except BackendUnavailable as e:
             return str(e)
         if dtype == torch.float64:
-            return ("backend='cpp' takes float32, bfloat16 or float16; float64 runs on "
-                    "backend='torch' (or 'auto')")
+            return (
+                "backend='cpp' takes float32, bfloat16 or float16; float64 runs on "
+                "backend='torch' (or 'auto')"
+            )
         return None
 
     def forward(self, x, opts, with_stats) -> TokenResult:
         hidden, weight, bias, rows, labels = x
         n_rows = rows.shape[0]
         outs = load().forward(
-            hidden, weight, bias, labels, rows, opts.pre_scale, opts.post_scale,
-            opts.has_softcap, with_stats, _chunk_v(n_rows, weight.shape[0]), _tile_rows(n_rows),
+            hidden,
+            weight,
+            bias,
+            labels,
+            rows,
+            opts.pre_scale,
+            opts.post_scale,
+            opts.has_softcap,
+            with_stats,
+            _chunk_v(n_rows, weight.shape[0]),
+            _tile_rows(n_rows),
+            _amx(hidden.dtype, weight.shape[1]),
         )
         return TokenResult(*outs)
 
@@ -172,8 +232,20 @@ class CppBackend(Backend):
         hidden, weight, bias, rows, labels = x
         n_rows = rows.shape[0]
         grads = load().backward(
-            hidden, weight, bias, labels, rows, lse, grad, opts.pre_scale, opts.post_scale,
-            opts.has_softcap, *needs, _chunk_v(n_rows, weight.shape[0]), _tile_rows(n_rows),
+            hidden,
+            weight,
+            bias,
+            labels,
+            rows,
+            lse,
+            grad,
+            opts.pre_scale,
+            opts.post_scale,
+            opts.has_softcap,
+            *needs,
+            _chunk_v(n_rows, weight.shape[0]),
+            _tile_rows(n_rows),
+            _amx(hidden.dtype, weight.shape[1]),
         )
         return Grads(*(g if need else None for g, need in zip(grads, needs)))
 
