@@ -181,6 +181,10 @@ struct Problem {
   bool amx;
   int64_t rq, dq;
   at::Tensor ht, zt;
+  // One chunk's converted head, reused by every chunk (a fresh multi-MB buffer per chunk costs a
+  // page fault per 4 KiB when the allocator returns large blocks to the system): the fp32 copy on
+  // the widening path, the packed B of dH on the amx path. Untouched pages cost nothing.
+  at::Tensor wbuf;
 };
 
 Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
@@ -236,6 +240,11 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
   }
   p.labels = labels_c.contiguous();
   p.tiles = at::empty({p.n_threads, tr, p.vc_max}, f32);
+  if (amx) {
+    p.wbuf = at::empty({p.dq * round_up(p.vc_max, 2)}, p.weight.options());
+  } else if (p.weight.scalar_type() != at::kFloat) {
+    p.wbuf = at::empty({p.vc_max, p.dim}, f32);
+  }
   return p;
 }
 
@@ -252,13 +261,18 @@ Chunk chunk_at(const Problem& p, int64_t c0, bool for_backward) {
   at::Tensor w = p.weight.narrow(0, c0, c.vc);
   if (p.bias.has_value()) c.b = p.bias->narrow(0, c0, c.vc).to(at::kFloat).unsqueeze(0);
   if (!p.amx) {
-    c.w = w.scalar_type() == at::kFloat ? w.contiguous() : w.to(at::kFloat).contiguous();
+    if (w.scalar_type() == at::kFloat) {
+      c.w = w.contiguous();
+    } else {
+      c.w = p.wbuf.narrow(0, 0, c.vc);
+      c.w.copy_(w);
+    }
     return c;
   }
   c.w = w;  // the first operand of Z^T = W[chunk] H^T, read as it lies (weight is contiguous)
   if (!for_backward) return c;
   const int64_t nbd = p.dq / kBlockN, kv = round_up(c.vc, 2);
-  c.wk = at::empty({nbd * kv * kBlockN}, w.options());
+  c.wk = p.wbuf.narrow(0, 0, nbd * kv * kBlockN);
   const bf16_bits* src = bits(w);
   bf16_bits* wk = mbits(c.wk);
   at::parallel_for(0, nbd, 1, [&](int64_t j0, int64_t j1) {  // 64-column blocks: independent
