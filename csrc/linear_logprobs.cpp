@@ -143,6 +143,15 @@ inline bf16_bits* mbits(at::Tensor& t) {
   return reinterpret_cast<bf16_bits*>(t.data_ptr<at::BFloat16>());
 }
 
+// What a worker thread of at::parallel_for must set itself, since thread-local state is not
+// inherited: no autograd, and the caller's inference mode (under torch.inference_mode() the
+// op's buffers are inference tensors, which may only be written in place inside it).
+struct WorkerState {
+  at::NoGradGuard no_grad;
+  c10::InferenceMode inference;
+  explicit WorkerState(bool enabled) : inference(enabled) {}
+};
+
 struct Options {
   double pre_scale;   // z = post_scale * tanh(pre_scale * x) with softcap, else pre_scale * x
   double post_scale;
@@ -422,6 +431,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
                                 const at::Tensor& rows, double pre_scale, double post_scale,
                                 bool softcap, bool with_stats, int64_t chunk_v,
                                 int64_t tile_rows, bool amx) {
+  const bool inference = c10::InferenceMode::is_enabled();
   at::NoGradGuard no_grad;
   const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
                             chunk_v, tile_rows, amx);
@@ -432,7 +442,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
   for (int64_t c0 = 0; c0 < vocab; c0 += p.vc_max) {
     const Chunk c = chunk_at(p, c0, /*for_backward=*/false);
     at::parallel_for(0, p.n_blocks, 1, [&](int64_t b0, int64_t b1) {
-      at::NoGradGuard no_grad_worker;
+      const WorkerState worker(inference);
       const int64_t t = at::get_thread_num();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
@@ -478,6 +488,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& grad_c, double pre_scale, double post_scale,
                                  bool softcap, bool need_h, bool need_w, bool need_b,
                                  int64_t chunk_v, int64_t tile_rows, bool amx) {
+  const bool inference = c10::InferenceMode::is_enabled();
   at::NoGradGuard no_grad;
   const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
                             chunk_v, tile_rows, amx);
@@ -532,7 +543,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
     const int64_t vc = c.vc, kv = round_up(vc, 2);
     std::fill(used.begin(), used.end(), 0);
     at::parallel_for(0, p.n_blocks, 1, [&](int64_t b0, int64_t b1) {
-      at::NoGradGuard no_grad_worker;
+      const WorkerState worker(inference);
       const int64_t t = at::get_thread_num();
       used[t] = 1;
       at::Tensor dw_t = need_w && !p.amx ? dw_part[t].narrow(0, 0, vc) : at::Tensor();
@@ -576,7 +587,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
     });
     if (p.amx && need_w) {
       at::parallel_for(0, (vc + kSlice - 1) / kSlice, 1, [&](int64_t s0, int64_t s1) {
-        at::NoGradGuard no_grad_worker;
+        const WorkerState worker(inference);
         at::Tensor ws = wslice[at::get_thread_num()];
         for (int64_t sl = s0; sl < s1; ++sl) {
           const int64_t v0 = sl * kSlice, m = std::min(kSlice, vc - v0);

@@ -224,3 +224,19 @@ def test_gradients_of_a_subset(case, trainable):
     out = dk.linear_logprobs(hidden, weight, labels, bias, backend=backend)
     (grad,) = torch.autograd.grad(out.sum(), [params[trainable]])
     assert torch.equal(grad, full[list(params).index(trainable)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inference_mode(case, dtype):
+    """Reference log-probs are often computed under torch.inference_mode(): the same values as
+    under no_grad, on every backend (the C++ backend's worker threads must enter it too)."""
+    backend, device = case
+    hidden, weight, labels, bias, _ = make_inputs("padded", True, dtype, device, b=4, t=40)
+    kw = dict(backend=backend, return_stats=True, softcap=9.0)
+    with torch.no_grad():
+        expected = dk.linear_logprobs(hidden, weight, labels, bias, **kw)
+    with torch.inference_mode():
+        got = dk.linear_logprobs(hidden, weight, labels, bias, **kw)
+    assert torch.get_num_threads() >= 2 or backend != "cpp", "needs worker threads to mean much"
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
