@@ -324,6 +324,8 @@ def _check_args(
     vocab, dim = weight.shape
     if vocab == 0:
         raise ValueError("weight must have at least one row (vocab size V >= 1)")
+    if dim == 0:
+        raise ValueError("weight must have at least one column (hidden size D >= 1)")
     if hidden.dim() == 0 or hidden.shape[-1] != dim:
         raise ValueError(
             f"hidden's last dimension must equal weight's D={dim}: hidden {tuple(hidden.shape)}, "
@@ -369,6 +371,8 @@ def _check_args(
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (labels are int64), got {ignore_index}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if not (isinstance(logit_scale, (int, float)) and abs(logit_scale) < float("inf")):

@@ -98,6 +98,13 @@ CASES = [
         "logit_scale must be a finite number",
     ),
     ("ignore_index float", {"ignore_index": -100.0}, TypeError, "ignore_index must be an int"),
+    ("ignore_index > int64", {"ignore_index": 2**63}, ValueError, "ignore_index must fit in int64"),
+    (
+        "D 0",
+        {"hidden": torch.randn(B, T, 0), "weight": torch.randn(V, 0)},
+        ValueError,
+        "hidden size D >= 1",
+    ),
 ]
 
 
@@ -180,6 +187,7 @@ def test_bad_chunk_budget(monkeypatch):
     monkeypatch.setenv("DPO_KERNELS_CHUNK_MB", "lots")
     with pytest.raises(ValueError, match="DPO_KERNELS_CHUNK_MB must be a number"):
         dk.linear_logprobs(args["hidden"], args["weight"], args["labels"])
-    monkeypatch.setenv("DPO_KERNELS_CHUNK_MB", "0")
-    with pytest.raises(ValueError, match="DPO_KERNELS_CHUNK_MB must be positive"):
-        dk.linear_logprobs(args["hidden"], args["weight"], args["labels"])
+    for bad in ("0", "-1", "inf", "nan", "-inf"):
+        monkeypatch.setenv("DPO_KERNELS_CHUNK_MB", bad)
+        with pytest.raises(ValueError, match="DPO_KERNELS_CHUNK_MB must be positive"):
+            dk.linear_logprobs(args["hidden"], args["weight"], args["labels"])
