@@ -262,7 +262,12 @@ def run(args, argv) -> dict:
         raise SystemExit("--device cuda: no CUDA device is available here")
     specs = plan(args, device)
     timeout = args.timeout or (300.0 if device.startswith("cuda") else 120.0)
-    gemms = list(dict.fromkeys(floor_key(s) for s in specs))  # one floor per GEMM shape
+    # One floor per GEMM shape and dtype; on a CPU both fp32 and bf16 at every shape, since which
+    # of them runs on matrix units (and how much faster) is what tells CPU kinds apart.
+    extra = ("float32", "bfloat16") if not device.startswith("cuda") else ()
+    gemms = list(
+        dict.fromkeys((*floor_key(s)[:3], dtype) for s in specs for dtype in (s["dtype"], *extra))
+    )
     v = versions()
     result = {
         "device": device_name(device),
