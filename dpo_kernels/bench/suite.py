@@ -262,12 +262,18 @@ def run(args, argv) -> dict:
         raise SystemExit("--device cuda: no CUDA device is available here")
     specs = plan(args, device)
     timeout = args.timeout or (300.0 if device.startswith("cuda") else 120.0)
-    # One floor per GEMM shape and dtype; on a CPU both fp32 and bf16 at every shape, since which
-    # of them runs on matrix units (and how much faster) is what tells CPU kinds apart.
-    extra = ("float32", "bfloat16") if not device.startswith("cuda") else ()
-    gemms = list(
-        dict.fromkeys((*floor_key(s)[:3], dtype) for s in specs for dtype in (s["dtype"], *extra))
-    )
+    # One floor per GEMM shape in the run's dtype (each row's fraction). On a CPU also fp32 and
+    # bf16 once per head, at its largest row count: which of them runs on matrix units (and how
+    # much faster) tells CPU kinds apart, and on a CPU without bf16 units one bf16 GEMM of a real
+    # head takes tens of seconds, so it is not repeated at every token count.
+    gemms = dict.fromkeys(floor_key(s) for s in specs)
+    if not device.startswith("cuda"):
+        largest: dict[tuple, int] = {}
+        for hidden, vocab, rows, _ in gemms:
+            largest[(hidden, vocab)] = max(rows, largest.get((hidden, vocab), 0))
+        for (hidden, vocab), rows in largest.items():
+            gemms.update(dict.fromkeys((hidden, vocab, rows, dt) for dt in ("float32", "bfloat16")))
+    gemms = list(gemms)
     v = versions()
     result = {
         "device": device_name(device),
