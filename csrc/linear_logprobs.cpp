@@ -551,7 +551,6 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
         at::Tensor z = tile_logits(p, c, t, b, r0, r);
-        const at::Tensor h_b = p.h.narrow(0, r0, r);
         float* zp = z.data_ptr<float>();
         for (int64_t k = 0; k < r; ++k) {
           const int64_t i = r0 + k;
@@ -559,8 +558,8 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
           grad_row(zp + k * z.stride(0), vc, c0, y, lsp[i], gp[i], p.o);
         }
         if (p.amx) {
-          // G rounded to bf16 (zero padding stays zero), then dH[tile] += G W[chunk] and
-          // dW[chunk] (+)= G^T H[tile] on the matrix units, fp32 accumulation.
+          // G rounded to bf16 (zero padding stays zero), then dH[tile] += G W[chunk] on the
+          // matrix units (fp32 accumulation); G^T is kept for the dW pass after the tiles.
           at::Tensor gb = g16[t];
           gb.narrow(0, 0, r).narrow(1, 0, vc).copy_(z);
           if (kv > vc) gb.narrow(0, 0, r).narrow(1, vc, kv - vc).zero_();
@@ -574,6 +573,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
         } else {
           if (need_h) dh_acc.narrow(0, r0, r).addmm_(z, c.w);  // this block's rows only
           if (need_w) {
+            const at::Tensor h_b = p.h.narrow(0, r0, r);
             if (b == b0) at::mm_out(dw_t, z.t(), h_b);
             else dw_t.addmm_(z.t(), h_b);
           }
