@@ -94,6 +94,11 @@ class LogitOptions:
     temperature: float = 1.0
     logit_scale: float = 1.0
     softcap: Optional[float] = None
+    #: fp32 matmuls may use TF32 (``torch.backends.cuda.matmul.allow_tf32`` when the call was
+    #: made); saved with the call, so the backward recomputes with the forward's precision.
+    allow_tf32: bool = False
+    #: tune the Triton tiles for this shape (``DPO_KERNELS_AUTOTUNE=1`` when the call was made).
+    autotune: bool = False
 
     @property
     def has_softcap(self) -> bool:
@@ -109,15 +114,29 @@ class LogitOptions:
     def post_scale(self) -> float:
         return 1.0 if self.softcap is None else self.softcap / self.temperature
 
-    def op_args(self) -> tuple[int, float, float, float]:
+    def op_args(self) -> tuple[int, float, float, float, bool, bool]:
         """The options as the custom ops' scalar arguments (no softcap travels as 0.0)."""
-        return (self.ignore_index, self.temperature, self.logit_scale, self.softcap or 0.0)
+        return (
+            self.ignore_index,
+            self.temperature,
+            self.logit_scale,
+            self.softcap or 0.0,
+            self.allow_tf32,
+            self.autotune,
+        )
 
     @classmethod
     def from_op_args(
-        cls, ignore_index: int, temperature: float, logit_scale: float, softcap: float
+        cls,
+        ignore_index: int,
+        temperature: float,
+        logit_scale: float,
+        softcap: float,
+        allow_tf32: bool,
+        autotune: bool,
     ) -> LogitOptions:
-        return cls(ignore_index, temperature, logit_scale, softcap if softcap > 0 else None)
+        cap = softcap if softcap > 0 else None
+        return cls(ignore_index, temperature, logit_scale, cap, allow_tf32, autotune)
 
     def transform(self, x: Tensor) -> Tensor:
         """Raw logits ``x`` -> the logits ``z`` the log-softmax is taken over."""
@@ -139,6 +158,11 @@ class Rows(NamedTuple):
     ``hidden (N, D)`` all rows (ignored ones included: backends read only ``rows``),
     ``weight (V, D)`` contiguous, ``bias (V,)`` contiguous or None, ``rows (Nv,)`` int64 indices of
     the valid rows of ``hidden`` in increasing order, ``labels (Nv,)`` int64 their targets.
+
+    ``count``: None, or a ``(1,)`` int64 device tensor holding the number of valid rows. Only a
+    backend with :attr:`Backend.sync_free` gets the sync-free layout, where ``rows`` and
+    ``labels`` are ``(N,)``, the valid rows first (in increasing order) and ``count`` says how
+    many there are, so no host ever reads the count; results past ``count`` are ignored.
     """
 
     hidden: Tensor
@@ -146,6 +170,7 @@ class Rows(NamedTuple):
     bias: Optional[Tensor]
     rows: Tensor
     labels: Tensor
+    count: Optional[Tensor] = None
 
 
 #: The statistics a forward computes with ``with_stats=True``: the names of
@@ -201,6 +226,10 @@ class Backend(abc.ABC):
     """
 
     name: str
+    #: Takes the sync-free :class:`Rows` layout (``count`` on the device, all N rows).
+    sync_free: bool = False
+    #: Implements :meth:`forward_jacobian` (the frozen-head 4·N·D·V path).
+    jacobian: bool = False
 
     @abc.abstractmethod
     def unavailable_reason(
@@ -219,6 +248,12 @@ class Backend(abc.ABC):
         """Gradients of ``Σ_i grad[i] · logp_i``; ``lse (Nv,)`` is the forward's, ``grad (Nv,)``
         the upstream gradient of each valid token's log-prob. Must recompute bit-identical
         logits to the forward's."""
+
+    def forward_jacobian(self, x: Rows, opts: LogitOptions, with_stats: bool):
+        """Frozen head: :meth:`forward`'s results and ``J (Nv, D)`` in the compute dtype, the
+        gradient of each valid token's log-prob w.r.t. its hidden row, so the backward is
+        ``dH = grad · J``."""
+        raise NotImplementedError(f"backend {self.name!r} has no frozen-head Jacobian path")
 
 
 def register(backend: Backend) -> Backend:

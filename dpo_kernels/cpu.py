@@ -210,7 +210,7 @@ class CppBackend(Backend):
         return None
 
     def forward(self, x, opts, with_stats) -> TokenResult:
-        hidden, weight, bias, rows, labels = x
+        hidden, weight, bias, rows, labels, _ = x
         n_rows = rows.shape[0]
         outs = load().forward(
             hidden,
@@ -229,7 +229,7 @@ class CppBackend(Backend):
         return TokenResult(*outs)
 
     def backward(self, x, lse, grad, opts, needs) -> Grads:
-        hidden, weight, bias, rows, labels = x
+        hidden, weight, bias, rows, labels, _ = x
         n_rows = rows.shape[0]
         grads = load().backward(
             hidden,

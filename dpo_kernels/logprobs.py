@@ -87,6 +87,32 @@ def _autocast_inputs(hidden, weight, bias):
 # ----------------------------------------------------------------------------- inside the ops
 
 
+FROZEN_PATHS = ("auto", "jacobian", "recompute")
+
+
+def _frozen_path(chosen, hidden, weight, bias) -> bool:
+    """True to take the frozen-head Jacobian path (see :mod:`dpo_kernels.triton.frozen_head`):
+    only the hidden states need a gradient (LoRA / PEFT: the head is frozen), the backend has
+    the path, and ``DPO_KERNELS_FROZEN_PATH`` (auto | jacobian | recompute) allows it. ``auto``
+    takes it on a GPU from D = 1024 on (the modelled break-even is D ≈ 4·R/BW ≈ 725)."""
+    mode = os.environ.get("DPO_KERNELS_FROZEN_PATH", "auto")
+    if mode not in FROZEN_PATHS:
+        raise ValueError(f"DPO_KERNELS_FROZEN_PATH must be one of {FROZEN_PATHS}, got {mode!r}")
+    frozen = (
+        torch.is_grad_enabled()
+        and hidden.requires_grad
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+    )
+    if not (frozen and chosen.jacobian) or mode == "recompute":
+        return False
+    return mode == "jacobian" or (hidden.is_cuda and hidden.shape[-1] >= 1024)
+
+
+def _autotune_requested() -> bool:
+    return os.environ.get("DPO_KERNELS_AUTOTUNE", "0") == "1"
+
+
 def _validate_data() -> bool:
     return os.environ.get("DPO_KERNELS_VALIDATE", "0") == "1"
 
@@ -112,7 +138,19 @@ def _check_cu_seqlens(cu_seqlens: Tensor, n: int) -> None:
         )
 
 
-def _compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check):
+def _sync_free(backend: str, device: torch.device) -> bool:
+    """No host sync for this call: the backend takes a device-side row count, and the call runs
+    under CUDA-graph capture (``torch.compile(mode="reduce-overhead")`` included) or the user
+    asked with ``DPO_KERNELS_SYNC_FREE=1``. Launches then cover all N rows (ignored ones exit at
+    once in the fused kernels, but the backward's GEMMs do cost them)."""
+    if not get(backend).sync_free:
+        return False
+    if os.environ.get("DPO_KERNELS_SYNC_FREE", "0") == "1":
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check, sync_free=False):
     """Checks data where that is free (if ``check``), compacts the valid rows, maps sequences.
 
     Returns ``(x, seg, cu_ok)``: the backends' :class:`~dpo_kernels.backend.Rows`, each
@@ -128,23 +166,36 @@ def _compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check):
         _check_cu_seqlens(cu_seqlens, n)
     cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
     valid = labels != ignore_index
-    # The device->host sync of each pass: the number of valid rows sizes every launch.
-    rows = valid.nonzero().squeeze(1)
     prefix = torch.zeros(n + 1, dtype=torch.int64, device=hidden.device)
     torch.cumsum(valid, 0, out=prefix[1:])
+    count = prefix[n:]  # (1,) number of valid rows, on the device
+    if sync_free:
+        # Valid rows first, in order, then the ignored ones: a permutation built on the device.
+        idx = torch.arange(n, device=hidden.device)
+        pos = torch.where(valid, prefix[:-1], count + idx - prefix[:-1])
+        rows = torch.empty_like(idx).scatter_(0, pos, idx)
+    else:
+        # The device->host sync of each pass: the number of valid rows sizes every launch.
+        rows = valid.nonzero().squeeze(1)
     seg = prefix[cu.clamp(0, n)]
     cu_ok = None
     if not cu_checked:
         # No sync on CUDA: a malformed cu_seqlens turns the outputs into NaN instead.
         cu_ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
     bias = None if bias is None else bias.contiguous()  # kernels index bias densely
-    x = Rows(hidden, weight.contiguous(), bias, rows, labels.index_select(0, rows))
+    labels_c = labels.index_select(0, rows)
+    x = Rows(hidden, weight.contiguous(), bias, rows, labels_c, count if sync_free else None)
     return x, seg, cu_ok
 
 
-def _scatter_rows(values: Tensor, rows: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+def _scatter_rows(values: Tensor, x: Rows, n: int, dtype: torch.dtype) -> Tensor:
+    """Per-token values of the compacted rows back at their positions, 0 at ignored ones."""
+    values = values.to(dtype)
+    if x.count is not None:  # sync-free layout: the entries past the count are not results
+        keep = torch.arange(values.shape[0], device=values.device) < x.count
+        values = torch.where(keep, values, 0.0)
     out = torch.zeros(n, dtype=dtype, device=values.device)
-    return out.index_copy_(0, rows, values.to(dtype))
+    return out.index_copy_(0, x.rows, values)
 
 
 def _forward(
@@ -157,25 +208,42 @@ def _forward(
     temperature: float,
     logit_scale: float,
     softcap: float,
+    allow_tf32: bool,
+    autotune: bool,
     per_token: bool,
     backend: str,
     with_stats: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(logps, lse, num_tokens, logits_sum, entropy_sum, top1_correct, log_sum_sq_probs_sum)``
-    per sequence (per token if ``per_token``; ``lse (N,)`` always per token); the stats are
-    empty without ``with_stats``."""
-    opts = LogitOptions.from_op_args(ignore_index, temperature, logit_scale, softcap)
+    jacobian: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(logps, lse, num_tokens, logits_sum, entropy_sum, top1_correct, log_sum_sq_probs_sum,
+    jac)`` per sequence (per token if ``per_token``; ``lse (N,)`` always per token); the stats
+    are empty without ``with_stats``; ``jac (N, D)`` (``d logp_t / d h_t``, 0 at ignored rows)
+    only with ``jacobian`` (the frozen-head path), else empty."""
+    opts = LogitOptions.from_op_args(
+        ignore_index, temperature, logit_scale, softcap, allow_tf32, autotune
+    )
     n, acc, device = hidden.shape[0], compute_dtype(hidden.dtype), hidden.device
-    x, seg, cu_ok = _compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check=True)
+    sync_free = _sync_free(backend, device)
+    x, seg, cu_ok = _compact(
+        hidden, weight, bias, labels, cu_seqlens, ignore_index, check=True, sync_free=sync_free
+    )
     fields = ("logps",) + (STAT_FIELDS if with_stats else ())
+    jac = hidden.new_empty(0, dtype=acc)
     if x.rows.shape[0] == 0:
         tok = TokenResult(*(torch.zeros(0, dtype=acc, device=device) for _ in TokenResult._fields))
+        if jacobian:
+            jac = torch.zeros((n, hidden.shape[1]), dtype=acc, device=device)
     else:
         # Autocast stays on inside a custom op: keep it off the backends' own fp32 math.
         with torch.autocast(device.type, enabled=False):
-            tok = get(backend).forward(x, opts, with_stats)
+            if jacobian:
+                tok, jac_c = get(backend).forward_jacobian(x, opts, with_stats)
+                jac = torch.zeros((n, hidden.shape[1]), dtype=acc, device=device)
+                jac.index_copy_(0, x.rows, jac_c.to(acc))
+            else:
+                tok = get(backend).forward(x, opts, with_stats)
     if per_token:
-        vals = [_scatter_rows(getattr(tok, f), x.rows, n, acc) for f in fields]
+        vals = [_scatter_rows(getattr(tok, f), x, n, acc) for f in fields]
         num_tokens = (labels != ignore_index).to(torch.int64)
     else:
         vals = [segment_sum(getattr(tok, f).to(acc), seg) for f in fields]
@@ -192,7 +260,7 @@ def _forward(
             hidden.new_empty(0, dtype=acc),
         ]
     logps, *stats = vals
-    return (logps, _scatter_rows(tok.lse, x.rows, n, acc), num_tokens, *stats)
+    return (logps, _scatter_rows(tok.lse, x, n, acc), num_tokens, *stats, jac)
 
 
 _fwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_fwd", _forward, mutates_args=())
@@ -200,7 +268,7 @@ _fwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_fwd", _forward, 
 
 @_fwd_op.register_fake
 def _forward_fake(hidden, weight, bias, labels, cu_seqlens, *scalars):
-    per_token, with_stats = scalars[4], scalars[6]
+    per_token, with_stats, jacobian = scalars[6], scalars[8], scalars[9]
     acc, n = compute_dtype(hidden.dtype), hidden.shape[0]
     m = n if per_token else cu_seqlens.shape[0] - 1
     k = m if with_stats else 0
@@ -212,12 +280,14 @@ def _forward_fake(hidden, weight, bias, labels, cu_seqlens, *scalars):
         hidden.new_empty(k, dtype=acc),
         hidden.new_empty(k, dtype=torch.int64),
         hidden.new_empty(k, dtype=acc),
+        hidden.new_empty((n, hidden.shape[1]) if jacobian else (0,), dtype=acc),
     )
 
 
 def _backward(
     grad: Tensor,
     lse: Tensor,
+    jac: Tensor,
     hidden: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -227,6 +297,8 @@ def _backward(
     temperature: float,
     logit_scale: float,
     softcap: float,
+    allow_tf32: bool,
+    autotune: bool,
     per_token: bool,
     backend: str,
     need_hidden: bool,
@@ -234,9 +306,16 @@ def _backward(
     need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``Σ grad · logps`` w.r.t. hidden, weight, bias (empty where not needed)."""
-    opts = LogitOptions.from_op_args(ignore_index, temperature, logit_scale, softcap)
+    if jac.numel() and not (need_weight or need_bias):
+        return _jacobian_backward(grad, jac, hidden, labels, cu_seqlens, ignore_index, per_token)
+    opts = LogitOptions.from_op_args(
+        ignore_index, temperature, logit_scale, softcap, allow_tf32, autotune
+    )
     # The forward checked these very tensors (saved for backward): no second pass over them.
-    x, seg, _ = _compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check=False)
+    sync_free = _sync_free(backend, hidden.device)
+    x, seg, _ = _compact(
+        hidden, weight, bias, labels, cu_seqlens, ignore_index, check=False, sync_free=sync_free
+    )
     needs = Needs(need_hidden, need_weight, need_bias)
     n_valid = x.rows.shape[0]
     if n_valid == 0:
@@ -259,11 +338,25 @@ def _backward(
     return tuple(g if need else hidden.new_empty(0) for g, need in zip(grads, needs))
 
 
+def _jacobian_backward(grad, jac, hidden, labels, cu_seqlens, ignore_index, per_token):
+    """The frozen-head backward: ``dH = grad · J``, a scale (no recompute, no GEMM)."""
+    if per_token:
+        grad_rows = grad
+    else:  # each row gets its sequence's gradient (J is 0 on ignored rows)
+        n = hidden.shape[0]
+        cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
+        seq_of = torch.searchsorted(cu[1:], torch.arange(n, device=hidden.device), right=True)
+        grad_rows = grad.index_select(0, seq_of.clamp_(max=max(grad.shape[0] - 1, 0)))
+    grad_rows = torch.where(labels != ignore_index, grad_rows.to(jac.dtype), 0.0)
+    d_hidden = (jac * grad_rows[:, None]).to(hidden.dtype)
+    return d_hidden, hidden.new_empty(0), hidden.new_empty(0)
+
+
 _bwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_bwd", _backward, mutates_args=())
 
 
 @_bwd_op.register_fake
-def _backward_fake(grad, lse, hidden, weight, bias, *rest):
+def _backward_fake(grad, lse, jac, hidden, weight, bias, *rest):
     needs = rest[-3:]
     return tuple(
         torch.empty_like(t) if need else hidden.new_empty(0)
@@ -273,15 +366,17 @@ def _backward_fake(grad, lse, hidden, weight, bias, *rest):
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, cu_seqlens, *scalars = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, output[1])
-    ctx.scalars = scalars[:-1]  # all but with_stats, which the backward does not need
+    ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, output[1], output[7])
+    ctx.scalars = scalars[:-2]  # all but with_stats and jacobian: the backward sees jac itself
     ctx.n_inputs = len(inputs)
 
 
 def _autograd_backward(ctx, grad_logps, *_grad_stats):
-    hidden, weight, bias, labels, cu_seqlens, lse = ctx.saved_tensors
+    hidden, weight, bias, labels, cu_seqlens, lse, jac = ctx.saved_tensors
     needs = (*ctx.needs_input_grad[:2], ctx.needs_input_grad[2] and bias is not None)
-    grads = _bwd_op(grad_logps, lse, hidden, weight, bias, labels, cu_seqlens, *ctx.scalars, *needs)
+    grads = _bwd_op(
+        grad_logps, lse, jac, hidden, weight, bias, labels, cu_seqlens, *ctx.scalars, *needs
+    )
     # Only hidden, weight and bias are differentiable; the rest of the inputs get None.
     return (
         *(g if need else None for g, need in zip(grads, needs)),
@@ -442,8 +537,13 @@ def linear_logprobs(
         float(temperature),
         float(logit_scale),
         None if softcap is None else float(softcap),
+        # Read once here and saved with the call: the backward recomputes the forward's logits
+        # with the forward's precision and tiles even if these change in between.
+        allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+        autotune=_autotune_requested(),
     )
     chosen = resolve(backend, hidden.device, hidden.dtype)
+    jacobian = _frozen_path(chosen, hidden, weight, bias)
     outs = _fwd_op(
         hidden_2d,
         weight,
@@ -454,8 +554,9 @@ def linear_logprobs(
         per_token,
         chosen.name,
         bool(return_stats),
+        jacobian,
     )
-    logps, _lse, num_tokens, logits_sum, entropy_sum, top1, lss = outs
+    logps, _lse, num_tokens, logits_sum, entropy_sum, top1, lss, _jac = outs
     if reduction == "mean":
         logps = logps / num_tokens.clamp(min=1)
     if per_token:

@@ -38,6 +38,58 @@ def _chunk_logits(hidden_c, weight_c, bias_c, opts: LogitOptions) -> torch.Tenso
     return opts.transform(x)
 
 
+def token_results(z, safe_labels, out, with_stats: bool) -> torch.Tensor:
+    """Fills ``out (2 or 6, n)`` from one chunk's logits ``z (n, V)``: log-prob, log-sum-exp and
+    the stats of :class:`~dpo_kernels.backend.TokenResult`; returns the log-sum-exp."""
+    lse = torch.logsumexp(z, dim=-1)
+    target = z.gather(1, safe_labels[:, None]).squeeze(1)
+    out[0] = target - lse
+    out[1] = lse
+    if with_stats:
+        p = torch.exp(z - lse[:, None])
+        out[2] = z.mean(dim=-1)
+        out[3] = lse - (p * z).sum(dim=-1)
+        out[4] = (target >= z.amax(dim=-1)).to(out.dtype)
+        out[5] = torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse
+    return lse
+
+
+def logit_grad(z, lse, safe_labels, opts: LogitOptions) -> torch.Tensor:
+    """``(onehot − softmax) · dz/dx`` of one chunk, in place of a new ``z``-shaped tensor."""
+    g = torch.exp(z - lse[:, None]).neg_()
+    g.scatter_add_(1, safe_labels[:, None], torch.ones_like(g[:, :1]))
+    return g.mul_(opts.transform_grad(z))
+
+
+def jacobian_forward(x: Rows, opts: LogitOptions, with_stats: bool, logits, jac_mm):
+    """The frozen-head forward (4·N·D·V): per-token results and ``J (Nv, D)`` fp32 with
+    ``J[i] = d logp_i / d h_i = Σ_v (onehot − p)_v · z'_v · W_v`` (= ``W[y] − E_p[W]`` without
+    softcap), chunked over tokens so one chunk of logits fits the budget. ``logits(h)`` gives a
+    chunk's logits in the compute dtype; ``jac_mm(g)`` multiplies a chunk's ``g`` by ``W``."""
+    hidden, weight, _, rows, labels, count = x
+    acc = compute_dtype(hidden.dtype)
+    vocab, dim = weight.shape
+    n = rows.shape[0]
+    out = torch.empty((6 if with_stats else 2, n), dtype=acc, device=hidden.device)
+    jac = torch.empty((n, dim), dtype=acc, device=hidden.device)
+    bad = (labels < 0) | (labels >= vocab)
+    safe_labels = labels.clamp(0, vocab - 1)
+    step = _token_chunk(n, vocab, torch.finfo(acc).bits // 8)
+    for s in range(0, n, step):
+        sl = slice(s, s + step)
+        z = logits(hidden.index_select(0, rows[sl]))
+        lse = token_results(z, safe_labels[sl], out[:, sl], with_stats)
+        g = logit_grad(z, lse, safe_labels[sl], opts)
+        del z
+        if count is not None:  # sync-free layout: rows past the count get no gradient
+            keep = torch.arange(s, s + g.shape[0], device=g.device) < count
+            g.mul_(keep[:, None])
+        jac[sl] = jac_mm(g)
+        del g
+    out[0] = torch.where(bad, float("nan"), out[0])
+    return TokenResult(*out.unbind()), jac
+
+
 class TorchBackend(Backend):
     """Logits chunk by chunk in the compute dtype (fp32, or float64 for float64 inputs)."""
 
@@ -47,7 +99,7 @@ class TorchBackend(Backend):
         return None
 
     def forward(self, x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
-        hidden, weight, bias, rows, labels = x
+        hidden, weight, bias, rows, labels, _ = x
         acc = compute_dtype(hidden.dtype)
         vocab = weight.shape[0]
         # One upcast of the head (O(V·D)) so every chunk's logits are accumulated and kept in acc.
@@ -62,23 +114,25 @@ class TorchBackend(Backend):
         for s in range(0, n, step):
             sl = slice(s, s + step)
             z = _chunk_logits(hidden.index_select(0, rows[sl]).to(acc), weight_c, bias_c, opts)
-            lse = torch.logsumexp(z, dim=-1)
-            target = z.gather(1, safe_labels[sl, None]).squeeze(1)
-            out[0, sl] = target - lse
-            out[1, sl] = lse
-            if with_stats:
-                p = torch.exp(z - lse[:, None])
-                out[2, sl] = z.mean(dim=-1)
-                out[3, sl] = lse - (p * z).sum(dim=-1)
-                out[4, sl] = (target >= z.amax(dim=-1)).to(acc)
-                out[5, sl] = torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse
-                del p
+            token_results(z, safe_labels[sl], out[:, sl], with_stats)
             del z
         out[0] = torch.where(bad, float("nan"), out[0])
         return TokenResult(*out.unbind())
 
+    jacobian = True
+
+    def forward_jacobian(self, x: Rows, opts: LogitOptions, with_stats: bool):
+        acc = compute_dtype(x.hidden.dtype)
+        weight_c = x.weight.to(acc)
+        bias_c = None if x.bias is None else x.bias.to(acc)
+
+        def logits(h):
+            return _chunk_logits(h.to(acc), weight_c, bias_c, opts)
+
+        return jacobian_forward(x, opts, with_stats, logits, lambda g: g @ weight_c)
+
     def backward(self, x: Rows, lse, grad, opts: LogitOptions, needs: Needs) -> Grads:
-        hidden, weight, bias, rows, labels = x
+        hidden, weight, bias, rows, labels, _ = x
         acc = compute_dtype(hidden.dtype)
         vocab = weight.shape[0]
         weight_c = weight.to(acc)
@@ -97,9 +151,8 @@ class TorchBackend(Backend):
             h = hidden.index_select(0, r).to(acc)
             z = _chunk_logits(h, weight_c, bias_c, opts)
             # d logp / d z = onehot - softmax; chain rule through the transform, times upstream.
-            g = torch.exp(z - lse[sl, None].to(acc)).neg_()
-            g.scatter_add_(1, safe_labels[sl, None], torch.ones_like(g[:, :1]))
-            g.mul_(opts.transform_grad(z)).mul_(grad[sl, None].to(acc))
+            g = logit_grad(z, lse[sl].to(acc), safe_labels[sl], opts)
+            g.mul_(grad[sl, None].to(acc))
             del z
             if needs.hidden:
                 d_hidden.index_copy_(0, r, (g @ weight_c).to(hidden.dtype))

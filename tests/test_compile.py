@@ -56,8 +56,11 @@ def test_opcheck(case):
             1.0,
             1.0,
             0.0,
+            False,  # allow_tf32
+            False,  # autotune
             per_token,
             backend,
             True,
+            False,  # jacobian
         )
         torch.library.opcheck(torch.ops.dpo_kernels.linear_logprobs_fwd.default, args)

@@ -95,11 +95,15 @@ def test_triton_shapes_span_tiles_and_splits():
     pytest.importorskip("triton")
     from dpo_kernels.triton import policy
 
-    t = policy.tiles(torch.float32, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    t = policy.fused_config(torch.float32, cpu, 26, D, V, allow_tf32=False, autotune=False)
     n_valid = 26  # a lower bound for make_inputs("padded")
-    n_splits, split = policy.vocab_splits(n_valid, V, t, torch.device("cpu"))
+    n_splits, split = policy.vocab_splits(n_valid, V, D, 4, t, cpu)
     assert n_splits >= 3 and split // t.block_v >= 2 and V % t.block_v != 0
     assert -(-n_valid // t.block_n) >= 2 and D % t.block_d != 0
+    # The logit-grad kernel's grouped order meets a last, partial group of row blocks.
+    group = policy.grad_group(t, D, 4, cpu)
+    assert group >= 2 and -(-37 // t.block_n) % group != 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

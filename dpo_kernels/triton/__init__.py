@@ -24,6 +24,7 @@ class TritonBackend(Backend):
     vocab-chunked and deterministic (see :mod:`.logprobs_forward` and :mod:`.logprobs_backward`)."""
 
     name = "triton"
+    sync_free = True  # the kernels read the valid-row count on the device
 
     def unavailable_reason(self, device, dtype=None) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
@@ -43,6 +44,13 @@ class TritonBackend(Backend):
 
     def forward(self, x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
         from .logprobs_forward import forward
+
+        return forward(x, opts, with_stats)
+
+    jacobian = True
+
+    def forward_jacobian(self, x: Rows, opts: LogitOptions, with_stats: bool):
+        from .frozen_head import forward
 
         return forward(x, opts, with_stats)
 

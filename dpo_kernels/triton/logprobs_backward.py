@@ -4,9 +4,15 @@ For each vocab chunk ``[v0, v0 + Vc)``: ``_bwd_logit_grad_kernel`` recomputes th
 valid rows against the chunk (same tiles as the forward) and writes
 ``G = g · (onehot − softmax) · dz/dx`` in the input dtype; then ``dW[chunk] = Gᵀ·H`` (one GEMM,
 K = all rows, fp32 accumulation, written in the input dtype) and ``dH += G·W[chunk]`` into a
-fp32 ``(Nv, D)`` buffer. Memory beyond the gradients: one ``Nv × Vc`` chunk and fp32 ``dH``;
-``Vc`` comes from the chunk budget. Every sum runs in a fixed order: bitwise reproducible.
+fp32 ``(Nv, D)`` buffer. Both GEMMs are the vendor library's (cuBLAS through ``torch.mm`` /
+``torch.addmm``; the same calls run on CPU tensors under the interpreter): plain GEMMs are not
+worth hand-writing. The logit-grad kernel runs in a grouped order (``policy.grad_group``) so the
+programs resident together share H row blocks and W column tiles in L2. Memory beyond the
+gradients: one ``Nv × Vc`` chunk and fp32 ``dH``; ``Vc`` comes from the chunk budget. Every sum
+runs in a fixed order (cuBLAS included, on one GPU and library version): bitwise reproducible.
 """
+
+import contextlib
 
 import torch
 import triton
@@ -14,6 +20,7 @@ import triton.language as tl
 
 from ..backend import Grads, LogitOptions, Needs, Rows
 from . import policy
+from .logprobs_forward import _count, fused_config
 from .tile import cast_for_store, logits_tile
 
 
@@ -26,10 +33,12 @@ def _bwd_logit_grad_kernel(
     LSE,
     GRAD,
     G,  # compacted hidden (Nv, D); G (Nv, Vc) out
+    COUNT,  # (1,) int64: rows past it are not valid; their G is written as 0
     n_rows,
     D,
     v_beg,
     v_count,
+    group,
     stride_hn,
     stride_hd,
     stride_wv,
@@ -46,13 +55,21 @@ def _bwd_logit_grad_kernel(
     INTERPRETER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Grouped order: ``group`` row blocks walk down the chunk's vocab tiles together.
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    per_group = group * tl.cdiv(v_count, BLOCK_V)
+    first = (pid // per_group) * group
+    size = tl.minimum(row_blocks - first, group)
+    pid_n = first + (pid % per_group) % size
+    pid_v = (pid % per_group) // size
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs_n < n_rows
+    n_valid = tl.minimum(tl.load(COUNT), n_rows)
+    row_mask = offs_n < n_valid
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < v_count
     offs_v = v_beg + cols
+    d_eff = tl.where(pid_n * BLOCK_N < n_valid, D, 0)  # a block of ignored rows: no matmul
     z = logits_tile(
         H,
         W,
@@ -61,7 +78,7 @@ def _bwd_logit_grad_kernel(
         row_mask,
         offs_v,
         col_mask,
-        D,
+        d_eff,
         stride_hn,
         stride_hd,
         stride_wv,
@@ -86,98 +103,70 @@ def _bwd_logit_grad_kernel(
         g = g * ((1.0 - t * t) * (pre_scale * post_scale))
     else:
         g = g * pre_scale
+    g = tl.where(row_mask[:, None], g, 0.0)  # the GEMMs read every row of G
     g_ptrs = G + offs_n.to(tl.int64)[:, None] * stride_gn + cols[None, :] * stride_gv
-    mask = row_mask[:, None] & col_mask[None, :]
+    mask = (offs_n < n_rows)[:, None] & col_mask[None, :]
     tl.store(g_ptrs, cast_for_store(g, G.dtype.element_ty, INTERPRETER), mask=mask)
 
 
-@triton.jit
-def _matmul_kernel(
-    A,
-    B,
-    C,  # C (M, N) = [C +] A (M, K) · B (K, N)
-    M,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_cm,
-    stride_cn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    a_ptrs = A + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
-    c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    c_mask = m_mask[:, None] & n_mask[None, :]
-    if ACCUMULATE:
-        acc = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+def _fp32_out_supported(device: torch.device) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs 16-bit inputs on this device
+    (torch >= 2.8 on CUDA; not on the CPU as of torch 2.13)."""
+    key = device.type
+    if key not in _FP32_OUT:
+        a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
+        try:
+            torch.mm(a, a, out_dtype=torch.float32)
+            _FP32_OUT[key] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT[key] = False
+    return _FP32_OUT[key]
+
+
+_FP32_OUT: dict = {}
+
+
+@contextlib.contextmanager
+def _matmul_precision(device: torch.device, allow_tf32: bool):
+    """The GEMMs of one backward run with the precision the forward saved, not whatever the
+    global flag says now (it is restored afterwards)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _accumulate_dh(d_hc, g, w_chunk):
+    """``d_hc (fp32) += g · w_chunk`` on the vendor GEMM with fp32 accumulation."""
+    if g.dtype == torch.float32:
+        d_hc.addmm_(g, w_chunk)
+    elif _fp32_out_supported(g.device):
+        torch.addmm(d_hc, g, w_chunk, out_dtype=torch.float32, out=d_hc)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if INTERPRETER:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    tl.store(c_ptrs, cast_for_store(acc, C.dtype.element_ty, INTERPRETER), mask=c_mask)
-
-
-def _matmul(a, b, out, accumulate):
-    """``out (=|+=) a @ b`` with fp32 accumulation; ``a``, ``b`` in the input dtype."""
-    m, k = a.shape
-    n = b.shape[1]
-    t = policy.matmul_tiles(a.dtype, a.device)
-    grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n))
-    _matmul_kernel[grid](
-        a,
-        b,
-        out,
-        m,
-        n,
-        k,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        out.stride(0),
-        out.stride(1),
-        BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n,
-        BLOCK_K=t.block_k,
-        ACCUMULATE=accumulate,
-        INTERPRETER=t.interpreter,
-        PRECISION=t.precision,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
-    )
+        # bf16 and fp16 values are exact in TF32 (8-bit exponent, 10-bit mantissa covers both),
+        # so on a GPU this widened GEMM may run on TF32 tensor cores without losing anything.
+        with _matmul_precision(g.device, True):
+            d_hc.addmm_(g.float(), w_chunk.float())
 
 
 def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
     """Launcher of :meth:`dpo_kernels.backend.Backend.backward`."""
-    hidden, weight, bias, rows, labels_c = x
+    hidden, weight, bias, rows, labels_c, _ = x
     need_h, need_w, need_b = needs
     n_rows = rows.shape[0]
     vocab, dim = weight.shape
     dtype, device = hidden.dtype, hidden.device
-    t = policy.tiles(dtype, device)
+    # The forward's config (same key, never re-tuned here): bit-identical recomputed logits.
+    t = fused_config(x, opts)
+    group = policy.grad_group(t, dim, hidden.element_size(), device)
+    interpreter = not policy.compiled_on_gpu(device)
+    n_valid = _count(x)
+    precision = policy.fp32_precision(dtype, opts.allow_tf32)
     h_c = hidden.index_select(0, rows)  # (Nv, D) contiguous: the GEMMs need dense rows
     lse_c = lse_c.to(torch.float32).contiguous()
     grad_c = grad_c.to(torch.float32).contiguous()
@@ -190,7 +179,7 @@ def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
     for v0 in range(0, vocab, chunk):
         count = min(chunk, vocab - v0)
         g = g_buf[:, :count]
-        grid = (triton.cdiv(n_rows, t.block_n), triton.cdiv(count, t.block_v))
+        grid = (triton.cdiv(n_rows, t.block_n) * triton.cdiv(count, t.block_v),)
         _bwd_logit_grad_kernel[grid](
             h_c,
             weight,
@@ -199,10 +188,12 @@ def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
             lse_c,
             grad_c,
             g,
+            n_valid,
             n_rows,
             dim,
             v0,
             count,
+            group,
             h_c.stride(0),
             h_c.stride(1),
             weight.stride(0),
@@ -216,15 +207,16 @@ def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
             BLOCK_D=t.block_d,
             HAS_BIAS=has_bias,
             HAS_SOFTCAP=opts.has_softcap,
-            INTERPRETER=t.interpreter,
-            PRECISION=t.precision,
+            INTERPRETER=interpreter,
+            PRECISION=precision,
             num_warps=t.num_warps,
             num_stages=t.num_stages,
         )
-        if need_w:
-            _matmul(g.t(), h_c, d_weight[v0 : v0 + count], accumulate=False)
-        if need_h:
-            _matmul(g, weight[v0 : v0 + count], d_hc, accumulate=True)
+        with _matmul_precision(device, opts.allow_tf32):
+            if need_w:  # K = all rows inside one GEMM: fp32 accumulation, one rounding
+                torch.mm(g.t(), h_c, out=d_weight[v0 : v0 + count])
+            if need_h:
+                _accumulate_dh(d_hc, g, weight[v0 : v0 + count])
         if need_b:
             torch.sum(g, dim=0, dtype=torch.float32, out=d_bias[v0 : v0 + count])
     d_hidden = None

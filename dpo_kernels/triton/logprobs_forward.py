@@ -1,8 +1,10 @@
 """Forward: per-token log-sum-exp, target logit and stats.
 
-Two kernels. ``_fwd_partial_kernel`` runs on a grid of (row blocks × vocab splits); each program
-streams its vocab range in tiles, keeps an online max / sum-exp per row, and takes the target
-logit from the same tile it is exponentiated in. ``_fwd_combine_kernel`` runs one program per
+Two kernels. ``_fwd_partial_kernel`` runs on a 1-D grid of (row blocks × vocab splits) with the
+split index varying fastest, so the programs resident together share a few H row blocks in L2
+(``policy`` sizes the splits from the L2); each program streams its vocab range in tiles, keeps
+an online max / sum-exp per row, and takes the target logit from the same tile it is
+exponentiated in. ``_fwd_combine_kernel`` runs one program per
 block of tokens and merges each token's splits in a fixed order — deterministic, no atomics. The
 per-sequence sums are the one reduction every backend shares (``backend.segment_sum``).
 """
@@ -30,9 +32,11 @@ def _fwd_partial_kernel(
     ROWS,
     LABELS,
     PART,  # inputs; PART [6, n_splits, Nv] fp32
+    COUNT,  # (1,) int64: rows past it are not valid (read on the device: no host sync)
     n_rows,
     D,
     V,
+    n_splits,
     split_size,
     stride_hn,
     stride_hd,
@@ -51,14 +55,17 @@ def _fwd_partial_kernel(
     INTERPRETER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_n = pid // n_splits  # split index fastest: neighbours in launch order share H rows
+    pid_s = pid % n_splits
+    n_valid = tl.minimum(tl.load(COUNT), n_rows)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs_n < n_rows
+    row_mask = offs_n < n_valid
     rows = tl.load(ROWS + offs_n, mask=row_mask, other=0).to(tl.int64)
     labels = tl.load(LABELS + offs_n, mask=row_mask, other=-1)
     v_beg = pid_s * split_size
     v_end = tl.minimum(v_beg + split_size, V)
+    v_end = tl.where(pid_n * BLOCK_N < n_valid, v_end, v_beg)  # a block of ignored rows: no work
 
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -120,6 +127,7 @@ def _fwd_combine_kernel(
     PART,
     LABELS,
     TOK,  # partials, compacted labels; TOK [6, Nv] out
+    COUNT,
     n_rows,
     n_splits,
     V,
@@ -131,7 +139,7 @@ def _fwd_combine_kernel(
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_rows
+    mask = offs < tl.minimum(tl.load(COUNT), n_rows)
     big_m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     for k in range(n_splits):
         mk = tl.load(PART + _M * stride_pq + k * stride_ps + offs, mask=mask, other=0.0)
@@ -166,20 +174,47 @@ def _fwd_combine_kernel(
         tl.store(TOK + _LSS * stride_tq + offs, lss, mask=mask)
 
 
-def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
-    """Launcher of :meth:`dpo_kernels.backend.Backend.forward`."""
-    hidden, weight, bias, rows, labels = x
+def _count(x: Rows):
+    """The device-side count of valid rows (all of ``rows`` unless the layout is sync-free)."""
+    if x.count is not None:
+        return x.count
+    return torch.full((1,), x.rows.shape[0], dtype=torch.int64, device=x.rows.device)
+
+
+def fused_config(x: Rows, opts: LogitOptions, with_stats: bool = False, tune: bool = False):
+    """The call's config of the forward partial and logit-grad kernels (``policy.fused_config``);
+    with ``tune`` (the forward) an untuned bucket is tuned on this call's own inputs."""
+    hidden, weight = x.hidden, x.weight
+    vocab, dim = weight.shape
+
+    def bench(cfg):
+        return policy.time_call(lambda: _partials(x, opts, with_stats, cfg), hidden.device)
+
+    return policy.fused_config(
+        hidden.dtype,
+        hidden.device,
+        hidden.shape[0],  # all rows, known without a sync: the same key in either layout
+        dim,
+        vocab,
+        allow_tf32=opts.allow_tf32,
+        autotune=opts.autotune,
+        bench=bench if tune else None,
+    )
+
+
+def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg):
+    """Launches the partial kernel with ``cfg``; returns the ``[n_q, n_splits, Nv]`` partials."""
+    hidden, weight, bias, rows, labels, _ = x
     n_rows = rows.shape[0]
     vocab, dim = weight.shape
-    t = policy.tiles(hidden.dtype, hidden.device)
-    n_splits, split_size = policy.vocab_splits(n_rows, vocab, t, hidden.device)
     device = hidden.device
+    n_splits, split_size = policy.vocab_splits(
+        n_rows, vocab, dim, hidden.element_size(), cfg, device
+    )
     n_q = 6 if with_stats else 3
     part = torch.empty((n_q, n_splits, n_rows), dtype=torch.float32, device=device)
-    n_out = 6 if with_stats else 2
-    tok = torch.empty((n_out, n_rows), dtype=torch.float32, device=device)
     has_bias = bias is not None
-    grid = (triton.cdiv(n_rows, t.block_n), n_splits)
+    grid = (triton.cdiv(n_rows, cfg.block_n) * n_splits,)
     _fwd_partial_kernel[grid](
         hidden,
         weight,
@@ -187,9 +222,11 @@ def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
         rows,
         labels,
         part,
+        _count(x),
         n_rows,
         dim,
         vocab,
+        n_splits,
         split_size,
         hidden.stride(0),
         hidden.stride(1),
@@ -199,22 +236,37 @@ def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
         part.stride(1),
         opts.pre_scale,
         opts.post_scale,
-        BLOCK_N=t.block_n,
-        BLOCK_V=t.block_v,
-        BLOCK_D=t.block_d,
+        BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v,
+        BLOCK_D=cfg.block_d,
         HAS_BIAS=has_bias,
         HAS_SOFTCAP=opts.has_softcap,
         HAS_STATS=with_stats,
-        INTERPRETER=t.interpreter,
-        PRECISION=t.precision,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        INTERPRETER=not policy.compiled_on_gpu(device),
+        PRECISION=policy.fp32_precision(hidden.dtype, opts.allow_tf32),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    block = policy.combine_block(hidden.device)
+    return part
+
+
+def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
+    """Launcher of :meth:`dpo_kernels.backend.Backend.forward`."""
+    hidden, labels = x.hidden, x.labels
+    n_rows = x.rows.shape[0]
+    vocab = x.weight.shape[0]
+    cfg = fused_config(x, opts, with_stats, tune=True)
+    part = _partials(x, opts, with_stats, cfg)
+    n_splits = part.shape[1]
+    n_out = 6 if with_stats else 2
+    tok = torch.empty((n_out, n_rows), dtype=torch.float32, device=hidden.device)
+    comb = policy.combine_config(hidden.device)
+    block = comb.block_n
     _fwd_combine_kernel[(triton.cdiv(n_rows, block),)](
         part,
         labels,
         tok,
+        _count(x),
         n_rows,
         n_splits,
         vocab,
@@ -224,6 +276,6 @@ def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
         tok.stride(0),
         HAS_STATS=with_stats,
         BLOCK=block,
-        num_warps=4,
+        num_warps=comb.num_warps,
     )
     return TokenResult(*tok.unbind())
