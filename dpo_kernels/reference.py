@@ -61,17 +61,18 @@ def logit_grad(z, lse, safe_labels, opts: LogitOptions) -> torch.Tensor:
     return g.mul_(opts.transform_grad(z))
 
 
-def jacobian_forward(x: Rows, opts: LogitOptions, with_stats: bool, logits, jac_mm):
+def jacobian_forward(x: Rows, opts: LogitOptions, with_stats: bool, logits, jac_mm=None):
     """The frozen-head forward (4·N·D·V): per-token results and ``J (Nv, D)`` fp32 with
     ``J[i] = d logp_i / d h_i = Σ_v (onehot − p)_v · z'_v · W_v`` (= ``W[y] − E_p[W]`` without
     softcap), chunked over tokens so one chunk of logits fits the budget. ``logits(h)`` gives a
-    chunk's logits in the compute dtype; ``jac_mm(g)`` multiplies a chunk's ``g`` by ``W``."""
+    chunk's logits in the compute dtype; ``jac_mm(g)`` multiplies a chunk's ``g`` by ``W``.
+    Without ``jac_mm`` it is the plain forward (2·N·D·V) and ``J`` is None."""
     hidden, weight, _, rows, labels, count = x
     acc = compute_dtype(hidden.dtype)
     vocab, dim = weight.shape
     n = rows.shape[0]
     out = torch.empty((6 if with_stats else 2, n), dtype=acc, device=hidden.device)
-    jac = torch.empty((n, dim), dtype=acc, device=hidden.device)
+    jac = None if jac_mm is None else torch.empty((n, dim), dtype=acc, device=hidden.device)
     bad = (labels < 0) | (labels >= vocab)
     safe_labels = labels.clamp(0, vocab - 1)
     step = _token_chunk(n, vocab, torch.finfo(acc).bits // 8)
@@ -79,6 +80,9 @@ def jacobian_forward(x: Rows, opts: LogitOptions, with_stats: bool, logits, jac_
         sl = slice(s, s + step)
         z = logits(hidden.index_select(0, rows[sl]))
         lse = token_results(z, safe_labels[sl], out[:, sl], with_stats)
+        if jac_mm is None:
+            del z  # before the next chunk's logits exist: one chunk live at a time
+            continue
         g = logit_grad(z, lse, safe_labels[sl], opts)
         del z
         if count is not None:  # sync-free layout: rows past the count get no gradient
@@ -99,37 +103,25 @@ class TorchBackend(Backend):
         return None
 
     def forward(self, x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
-        hidden, weight, bias, rows, labels, _ = x
-        acc = compute_dtype(hidden.dtype)
-        vocab = weight.shape[0]
-        # One upcast of the head (O(V·D)) so every chunk's logits are accumulated and kept in acc.
-        weight_c = weight.to(acc)
-        bias_c = None if bias is None else bias.to(acc)
-        n = rows.shape[0]
-        n_out = 6 if with_stats else 2
-        out = torch.empty((n_out, n), dtype=acc, device=hidden.device)
-        bad = (labels < 0) | (labels >= vocab)
-        safe_labels = labels.clamp(0, vocab - 1)
-        step = _token_chunk(n, vocab, torch.finfo(acc).bits // 8)
-        for s in range(0, n, step):
-            sl = slice(s, s + step)
-            z = _chunk_logits(hidden.index_select(0, rows[sl]).to(acc), weight_c, bias_c, opts)
-            token_results(z, safe_labels[sl], out[:, sl], with_stats)
-            del z
-        out[0] = torch.where(bad, float("nan"), out[0])
-        return TokenResult(*out.unbind())
+        return self._scan(x, opts, with_stats, jacobian=False)[0]
 
     jacobian = True
 
     def forward_jacobian(self, x: Rows, opts: LogitOptions, with_stats: bool):
+        return self._scan(x, opts, with_stats, jacobian=True)
+
+    @staticmethod
+    def _scan(x: Rows, opts: LogitOptions, with_stats: bool, jacobian: bool):
         acc = compute_dtype(x.hidden.dtype)
+        # One upcast of the head (O(V·D)) so every chunk's logits are accumulated and kept in acc.
         weight_c = x.weight.to(acc)
         bias_c = None if x.bias is None else x.bias.to(acc)
 
         def logits(h):
             return _chunk_logits(h.to(acc), weight_c, bias_c, opts)
 
-        return jacobian_forward(x, opts, with_stats, logits, lambda g: g @ weight_c)
+        jac_mm = (lambda g: g @ weight_c) if jacobian else None
+        return jacobian_forward(x, opts, with_stats, logits, jac_mm)
 
     def backward(self, x: Rows, lse, grad, opts: LogitOptions, needs: Needs) -> Grads:
         hidden, weight, bias, rows, labels, _ = x
