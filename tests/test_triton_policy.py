@@ -182,3 +182,16 @@ def test_sync_free_layout_matches_the_oracle(layout, reduction, monkeypatch, poi
     monkeypatch.setattr(tri.TritonBackend, "backward", bwd)
     run_case("triton", DEVICE, torch.float32, layout, reduction, True, {"softcap": 5.0})
     assert seen == [(True, True), (True, True)]
+
+
+def test_a_table_config_too_big_for_the_device_is_replaced(monkeypatch):
+    """A device with less shared memory than its family's table entry assumes gets the largest
+    candidate that fits, never a launch that fails with OutOfResources."""
+    small = policy.Limits(48 * 2**10, 4 * 2**20, 30)
+    monkeypatch.setattr(policy, "limits", lambda device: small)
+    monkeypatch.setattr(policy, "capability", lambda device: (9, 0))
+    cfg = policy.fused_config(
+        torch.bfloat16, torch.device("cpu"), 4096, 4096, 128256, allow_tf32=False, autotune=False
+    )
+    assert cfg != policy.TABLE[("fused", "half", (9, 0))]
+    assert policy.check(cfg, torch.bfloat16, small) is None

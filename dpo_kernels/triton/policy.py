@@ -240,7 +240,20 @@ def fused_config(
             cfg = _tune(dtype, device, bench)
             _TUNED[key] = cfg
             return cfg
-    return lookup("fused", dtype, cap)
+    return _fitting(lookup("fused", dtype, cap), dtype, device)
+
+
+def _fitting(cfg: Config, dtype: torch.dtype, device: torch.device) -> Config:
+    """``cfg`` if it fits this device, else the largest candidate that does (a device smaller
+    than the table's entry for its capability family)."""
+    lim = limits(device)
+    if check(cfg, dtype, lim) is None:
+        return cfg
+    pool = CANDIDATES["interp" if capability(device) == "interp" else "gpu"]
+    fits = [c for c in pool if check(c, dtype, lim) is None]
+    if not fits:
+        raise RuntimeError(f"no Triton config fits this device ({lim}): {check(cfg, dtype, lim)}")
+    return max(fits, key=lambda c: (c.block_n * c.block_v, c.block_d, -c.num_stages))
 
 
 def _tune(dtype, device, bench) -> Config:
@@ -255,7 +268,11 @@ def _tune(dtype, device, bench) -> Config:
             continue
         if t < best_t:
             best, best_t = cfg, t
-    return best if best is not None else lookup("fused", dtype, capability(device))
+    return (
+        best
+        if best is not None
+        else _fitting(lookup("fused", dtype, capability(device)), dtype, device)
+    )
 
 
 def time_call(fn: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
