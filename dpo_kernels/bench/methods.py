@@ -108,14 +108,17 @@ def make_inputs(
     seed: int = 0,
     softcap: Optional[float] = None,
 ) -> Inputs:
-    g = torch.Generator().manual_seed(seed)
+    # On CUDA the inputs are drawn on the device: a real head's two [V × D] fp32 draws take ~15 s
+    # of one CPU core, paid by every run's process (same distributions; other values than CPU).
+    gen = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+    g = torch.Generator(device=gen).manual_seed(seed)
     n = 2 * pairs
-    h = torch.randn(n, seq_len, hidden, generator=g)
-    w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
-    labels = torch.randint(0, vocab, (n, seq_len), generator=g)
+    h = torch.randn(n, seq_len, hidden, generator=g, device=gen)
+    w = torch.randn(vocab, hidden, generator=g, device=gen) / hidden**0.5
+    labels = torch.randint(0, vocab, (n, seq_len), generator=g, device=gen)
     labels[:, : prompt_len(seq_len, prompt_frac)] = IGNORE
-    ref_h = h + 0.05 * torch.randn(h.shape, generator=g)
-    ref_w = w + 0.01 * torch.randn(w.shape, generator=g) / hidden**0.5
+    ref_h = h + 0.05 * torch.randn(h.shape, generator=g, device=gen)
+    ref_w = w + 0.01 * torch.randn(w.shape, generator=g, device=gen) / hidden**0.5
 
     def put(t, grad=False):
         return t.to(device=device, dtype=dtype).requires_grad_(grad)
