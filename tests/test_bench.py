@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -142,7 +143,12 @@ def test_cli_bench_writes_schema_rows_and_a_table(tmp_path, capsys):
     out = capsys.readouterr()
     printed = out.out
     assert "| dpo_kernels |" in printed and "results.json" in printed
-    assert "| GFLOP/s | of GEMM |" in printed and "GEMM floor 1" not in printed
+    assert "| GFLOP/s | of GEMM |" in printed
+    # The heading states the measured floor as a rate; the floor's progress line goes to stderr,
+    # never into the table. (A plain "GEMM floor 1" substring check was flaky: it matched a
+    # floor of 14.7 GFLOP/s on a slower CPU.)
+    assert re.search(r"GEMM floor [\d,.]+ GFLOP/s\)", printed)
+    assert "GEMM floor D=" not in printed
     assert "GEMM floor torch.mm [24 × 24]·[24 × 211] float32:" in out.err + printed  # the header
     ours = next(r for r in rows if r["method"] == "dpo_kernels")
     assert f"| {ours['gflops']:,.1f} | {ours['gemm_frac']:.0%} |" in printed
