@@ -329,13 +329,18 @@ def _backward(
         if per_token:
             grad_c = grad.index_select(0, x.rows)
         else:  # each valid token gets its sequence's gradient
-            token_pos = torch.arange(n_valid, device=hidden.device)
-            seq_of = torch.searchsorted(seg[1:], token_pos, right=True)
-            grad_c = grad.index_select(0, seq_of.clamp_(max=seg.shape[0] - 2))
+            grad_c = _per_row(grad, seg, n_valid)
         with torch.autocast(hidden.device.type, enabled=False):
             grads = get(backend).backward(x, lse.index_select(0, x.rows), grad_c, opts, needs)
     # Custom-op outputs may not alias: each unneeded gradient is its own empty tensor.
     return tuple(g if need else hidden.new_empty(0) for g, need in zip(grads, needs))
+
+
+def _per_row(grad: Tensor, offsets: Tensor, n: int) -> Tensor:
+    """``grad (S,)`` per sequence -> ``(n,)`` per row, row ``i`` in ``[offsets[s], offsets[s+1])``
+    getting ``grad[s]`` (rows past the last offset get the last sequence's, and are masked)."""
+    seq_of = torch.searchsorted(offsets[1:], torch.arange(n, device=grad.device), right=True)
+    return grad.index_select(0, seq_of.clamp_(max=max(offsets.shape[0] - 2, 0)))
 
 
 def _jacobian_backward(grad, jac, hidden, labels, cu_seqlens, ignore_index, per_token):
@@ -343,10 +348,8 @@ def _jacobian_backward(grad, jac, hidden, labels, cu_seqlens, ignore_index, per_
     if per_token:
         grad_rows = grad
     else:  # each row gets its sequence's gradient (J is 0 on ignored rows)
-        n = hidden.shape[0]
         cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
-        seq_of = torch.searchsorted(cu[1:], torch.arange(n, device=hidden.device), right=True)
-        grad_rows = grad.index_select(0, seq_of.clamp_(max=max(grad.shape[0] - 1, 0)))
+        grad_rows = _per_row(grad, cu, hidden.shape[0])
     grad_rows = torch.where(labels != ignore_index, grad_rows.to(jac.dtype), 0.0)
     d_hidden = (jac * grad_rows[:, None]).to(hidden.dtype)
     return d_hidden, hidden.new_empty(0), hidden.new_empty(0)

@@ -188,7 +188,8 @@ def fused_config(x: Rows, opts: LogitOptions, with_stats: bool = False, tune: bo
     vocab, dim = weight.shape
 
     def bench(cfg):
-        return policy.time_call(lambda: _partials(x, opts, with_stats, cfg), hidden.device)
+        n_valid = _count(x)
+        return policy.time_call(lambda: _partials(x, opts, with_stats, cfg, n_valid), hidden.device)
 
     return policy.fused_config(
         hidden.dtype,
@@ -202,7 +203,7 @@ def fused_config(x: Rows, opts: LogitOptions, with_stats: bool = False, tune: bo
     )
 
 
-def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg):
+def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg, n_valid):
     """Launches the partial kernel with ``cfg``; returns the ``[n_q, n_splits, Nv]`` partials."""
     hidden, weight, bias, rows, labels, _ = x
     n_rows = rows.shape[0]
@@ -222,7 +223,7 @@ def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg):
         rows,
         labels,
         part,
-        _count(x),
+        n_valid,
         n_rows,
         dim,
         vocab,
@@ -256,7 +257,8 @@ def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
     n_rows = x.rows.shape[0]
     vocab = x.weight.shape[0]
     cfg = fused_config(x, opts, with_stats, tune=True)
-    part = _partials(x, opts, with_stats, cfg)
+    n_valid = _count(x)  # one device tensor for both launches
+    part = _partials(x, opts, with_stats, cfg, n_valid)
     n_splits = part.shape[1]
     n_out = 6 if with_stats else 2
     tok = torch.empty((n_out, n_rows), dtype=torch.float32, device=hidden.device)
@@ -266,7 +268,7 @@ def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
         part,
         labels,
         tok,
-        _count(x),
+        n_valid,
         n_rows,
         n_splits,
         vocab,

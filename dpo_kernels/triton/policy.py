@@ -31,7 +31,6 @@ Program order (L2 reuse). Programs that run at the same time should read the sam
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -52,11 +51,6 @@ def interpreting() -> bool:
 def compiled_on_gpu(device: torch.device) -> bool:
     """True when kernels for ``device`` are compiled for a GPU rather than interpreted."""
     return device.type == "cuda" and not interpreting()
-
-
-def autotune_requested() -> bool:
-    """``DPO_KERNELS_AUTOTUNE=1``: the public function reads it once per call."""
-    return os.environ.get("DPO_KERNELS_AUTOTUNE", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -345,7 +339,3 @@ def vocab_chunk(n_rows: int, vocab: int, itemsize: int, cfg: Config) -> int:
     cols = chunk_budget_bytes() // max(1, n_rows * itemsize)
     cols = max(cfg.block_v, cols // cfg.block_v * cfg.block_v)
     return min(cols, -(-vocab // cfg.block_v) * cfg.block_v)
-
-
-def with_group(cfg: Config, group: int) -> Config:
-    return dataclasses.replace(cfg, group=group)
