@@ -41,7 +41,7 @@ METHODS = {
 @pytest.mark.parametrize("method", list(METHODS))
 def test_fwd_bwd(benchmark, method, shape, dtype):
     if method == "naive" and dtype == torch.bfloat16:
-        pytest.skip("naive bf16 logits take ~1 min per step on CPUs without AMX (see README)")
+        pytest.skip("naive bf16 logits take ~1 min a step on CPUs without bf16 units (see README)")
     hidden, weight, labels = _inputs(shape, dtype)
     fn = METHODS[method]
 

@@ -9,19 +9,22 @@
 // gradients: the compacted fp32 rows H and dH accumulator, and per thread one tile and one
 // [Vc x D] partial: O(Nv D + threads (tile + Vc D)).
 //
-// bf16 inputs on a CPU with bf16 matrix units (AMX; oneDNN's brgemm through ATen's cpublas) run
-// bf16 GEMMs with fp32 accumulation and fp32 logits (the "amx" path). The unit reads its second
-// operand packed (VNNI, blocks of 64 columns), so the logits are computed transposed,
+// bf16 inputs on a CPU with bf16 units — AMX tiles, or AVX512-BF16 dot-product instructions —
+// run bf16 GEMMs with fp32 accumulation and fp32 logits (the "native" path: oneDNN's brgemm
+// through ATen's cpublas, which picks the unit). brgemm reads its second operand packed (VNNI,
+// blocks of 64 columns), so the logits are computed transposed,
 // Z^T = W[chunk] H[tile]^T: the head chunk is the first operand as it lies in memory and only the
 // row tiles are packed, once per call; the tile is transposed back in L2 for the fold. The
 // backward rounds G to bf16 for its two GEMMs (as the Triton backward stores it) and packs the
 // head chunk once for dH += G W[chunk]. Elsewhere (and for odd D) bf16 and fp16 are widened to
-// fp32 one chunk at a time (fp32 accumulation everywhere; on CPUs without bf16 matrix units fp32
-// GEMMs are also the fast ones).
+// fp32 one chunk at a time (fp32 accumulation everywhere; on CPUs without bf16 units fp32 GEMMs
+// are also the fast ones).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+
+#include <cpuid.h>
 
 #include <algorithm>
 #include <cmath>
@@ -53,7 +56,7 @@ inline float exp_f32(float x) {
   return p * scale;
 }
 
-// ---- bf16 matrix units: VNNI packing and blocked brgemm calls
+// ---- bf16 units: VNNI packing and blocked brgemm calls
 
 namespace cpublas = at::native::cpublas;
 using bf16_bits = uint16_t;
@@ -178,7 +181,7 @@ inline void transform_row(float* z, int64_t n, const Options& o) {
 // tile_rows rows. A [tile_rows x Vc] fp32 tile (512 KiB at 256 x 512) stays in a core's L2
 // between the GEMM that writes it and the pass that reads it; each thread has one.
 //
-// On the amx path h is the compacted rows in bf16, ht each row tile packed as the B of the
+// On the native path h is the compacted rows in bf16, ht each row tile packed as the B of the
 // transposed logits GEMM ([D x rows], rows in blocks of 64), zt a per-thread [vc_max x rq] fp32
 // tile for Z^T (rq = tile rows rounded up to whole blocks), and dq = D rounded up to whole blocks
 // (the width of the dH and dW accumulators).
@@ -187,23 +190,23 @@ struct Problem {
   c10::optional<at::Tensor> bias;
   Options o;
   int64_t nv, vocab, dim, vc_max, tile_rows, n_blocks, n_threads;
-  bool amx;
+  bool native;
   int64_t rq, dq;
   at::Tensor ht, zt;
   // One chunk's converted head, reused by every chunk (a fresh multi-MB buffer per chunk costs a
   // page fault per 4 KiB when the allocator returns large blocks to the system): the fp32 copy on
-  // the widening path, the packed B of dH on the amx path. Untouched pages cost nothing.
+  // the widening path, the packed B of dH on the native path. Untouched pages cost nothing.
   at::Tensor wbuf;
 };
 
 Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
                 const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
                 const at::Tensor& rows, double pre_scale, double post_scale, bool softcap,
-                int64_t chunk_v, int64_t tile_rows, bool amx) {
+                int64_t chunk_v, int64_t tile_rows, bool native) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden and weight must be 2-D");
-  TORCH_CHECK(!amx || (hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 &&
-                       cpublas::could_pack(at::kBFloat16)),
-              "the amx path takes bfloat16 inputs with an even D on a CPU with bf16 matrix units");
+  TORCH_CHECK(!native || (hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0),
+              "the native path takes bfloat16 inputs with an even D (bf16_units() says whether "
+              "this CPU has the units)");
   TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must be (V, D) with hidden's D");
   TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight must have hidden's dtype");
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
@@ -227,13 +230,13 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
   p.tile_rows = tile_rows;
   p.n_blocks = (p.nv + tile_rows - 1) / tile_rows;
   p.n_threads = at::get_num_threads();
-  p.amx = amx;
+  p.native = native;
   const int64_t tr = std::min(tile_rows, p.nv);
-  p.rq = amx ? round_up(tr, kBlockN) : tr;
-  p.dq = amx ? round_up(p.dim, kBlockN) : p.dim;
+  p.rq = native ? round_up(tr, kBlockN) : tr;
+  p.dq = native ? round_up(p.dim, kBlockN) : p.dim;
   at::Tensor h = p.hidden.index_select(0, rows);  // checks rows' range
   const auto f32 = p.hidden.options().dtype(at::kFloat);
-  if (amx) {
+  if (native) {
     p.h = h.contiguous();
     p.ht = at::empty({p.n_blocks, p.dim * p.rq}, h.options());
     p.zt = at::empty({p.n_threads, p.vc_max, p.rq}, f32);
@@ -249,7 +252,7 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
   }
   p.labels = labels_c.contiguous();
   p.tiles = at::empty({p.n_threads, tr, p.vc_max}, f32);
-  if (amx) {
+  if (native) {
     p.wbuf = at::empty({p.dq * round_up(p.vc_max, 2)}, p.weight.options());
   } else if (p.weight.scalar_type() != at::kFloat) {
     p.wbuf = at::empty({p.vc_max, p.dim}, f32);
@@ -257,7 +260,7 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
   return p;
 }
 
-// Columns c0..c0+vc of the head (and bias), converted once per chunk: w in fp32, or on the amx
+// Columns c0..c0+vc of the head (and bias), converted once per chunk: w in fp32, or on the native
 // path (backward only) wk, W[chunk] packed as the B of dH += G W[chunk] (K = vc).
 struct Chunk {
   int64_t c0, vc;
@@ -269,7 +272,7 @@ Chunk chunk_at(const Problem& p, int64_t c0, bool for_backward) {
   Chunk c{c0, std::min(p.vc_max, p.vocab - c0), {}, {}, {}};
   at::Tensor w = p.weight.narrow(0, c0, c.vc);
   if (p.bias.has_value()) c.b = p.bias->narrow(0, c0, c.vc).to(at::kFloat).unsqueeze(0);
-  if (!p.amx) {
+  if (!p.native) {
     if (w.scalar_type() == at::kFloat) {
       c.w = w.contiguous();
     } else {
@@ -297,7 +300,7 @@ Chunk chunk_at(const Problem& p, int64_t c0, bool for_backward) {
 at::Tensor tile_logits(const Problem& p, const Chunk& c, int64_t t, int64_t b, int64_t r0,
                        int64_t r) {
   at::Tensor z = p.tiles[t].narrow(0, 0, r).narrow(1, 0, c.vc);
-  if (p.amx) {
+  if (p.native) {
     at::Tensor zt = p.zt[t];
     brgemm_blocks(c.vc, p.dim, bits(c.w), p.dim, bits(p.ht[b]), round_up(r, kBlockN) / kBlockN,
                   zt.data_ptr<float>(), p.rq, false);
@@ -430,11 +433,11 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
                                 const at::Tensor& rows, double pre_scale, double post_scale,
                                 bool softcap, bool with_stats, int64_t chunk_v,
-                                int64_t tile_rows, bool amx) {
+                                int64_t tile_rows, bool native) {
   const bool inference = c10::InferenceMode::is_enabled();
   at::NoGradGuard no_grad;
   const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
-                            chunk_v, tile_rows, amx);
+                            chunk_v, tile_rows, native);
   const int64_t nv = p.nv, vocab = p.vocab;
   const int64_t* lab = p.labels.data_ptr<int64_t>();
   RowState st(nv);
@@ -452,7 +455,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
           fold_row(zp + k * z.stride(0), c.vc, c0, lab[r0 + k], p.o, with_stats, st, r0 + k);
         }
       }
-      if (p.amx) cpublas::brgemm_release(true);  // the thread's matrix-unit state
+      if (p.native) cpublas::brgemm_release(true);  // the thread's matrix-unit state
     });
   }
 
@@ -487,11 +490,11 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& rows, const at::Tensor& lse_c,
                                  const at::Tensor& grad_c, double pre_scale, double post_scale,
                                  bool softcap, bool need_h, bool need_w, bool need_b,
-                                 int64_t chunk_v, int64_t tile_rows, bool amx) {
+                                 int64_t chunk_v, int64_t tile_rows, bool native) {
   const bool inference = c10::InferenceMode::is_enabled();
   at::NoGradGuard no_grad;
   const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
-                            chunk_v, tile_rows, amx);
+                            chunk_v, tile_rows, native);
   const int64_t nv = p.nv, vocab = p.vocab, dim = p.weight.size(1), n_threads = p.n_threads;
   TORCH_CHECK(lse_c.dim() == 1 && lse_c.size(0) == nv && grad_c.dim() == 1 && grad_c.size(0) == nv,
               "lse_c and grad_c must be 1-D with one value per row");
@@ -499,7 +502,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
   const at::Tensor lse = lse_c.to(at::kFloat).contiguous();
   const at::Tensor g = grad_c.to(at::kFloat).contiguous();
   const auto f32 = p.hidden.options().dtype(at::kFloat);
-  const int64_t dq = p.dq;  // dim, or on the amx path dim rounded up to whole 64-column blocks
+  const int64_t dq = p.dq;  // dim, or on the native path dim rounded up to whole 64-column blocks
   at::Tensor dh_acc = need_h ? at::zeros({nv, dq}, f32) : at::Tensor();
   at::Tensor dw = need_w ? at::empty_like(p.weight) : at::empty({0}, p.weight.options());
   at::Tensor db = need_b ? at::empty({vocab}, p.bias->options())
@@ -507,11 +510,11 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
   // Per thread: partial dW / db of the chunk over the thread's row blocks, summed in thread order
   // after each chunk (the block-to-thread split is fixed by the thread count, so results repeat
   // bitwise from run to run).
-  at::Tensor dw_part = need_w && !p.amx ? at::empty({n_threads, p.vc_max, dq}, f32)
+  at::Tensor dw_part = need_w && !p.native ? at::empty({n_threads, p.vc_max, dq}, f32)
                                          : at::Tensor();
   at::Tensor db_part = need_b ? at::empty({n_threads, p.vc_max}, f32) : at::Tensor();
   std::vector<char> used(n_threads, 0);
-  // amx path: per thread G in bf16 (rows x kv_max, K padded to even with zeros); the chunk's G^T
+  // native path: per thread G in bf16 (rows x kv_max, K padded to even with zeros); the chunk's G^T
   // for all rows (vc_max x nq, nq = Nv rounded up to even), which a second pass over 32-row
   // slices of the chunk turns into dW[slice] = G^T[slice] H with K = all rows in one GEMM (no
   // per-thread partials to add), through an L2-sized fp32 slice per thread; all rows packed once
@@ -519,7 +522,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
   const int64_t kv_max = round_up(p.vc_max, 2), nq = round_up(nv, 2), nbd = dq / kBlockN;
   constexpr int64_t kSlice = 32;
   at::Tensor g16, gtall, hk, wslice;
-  if (p.amx) {
+  if (p.native) {
     const auto bf = p.hidden.options();
     g16 = at::zeros({n_threads, std::min(p.tile_rows, nv), kv_max}, bf);
     if (need_w) {
@@ -546,7 +549,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
       const WorkerState worker(inference);
       const int64_t t = at::get_thread_num();
       used[t] = 1;
-      at::Tensor dw_t = need_w && !p.amx ? dw_part[t].narrow(0, 0, vc) : at::Tensor();
+      at::Tensor dw_t = need_w && !p.native ? dw_part[t].narrow(0, 0, vc) : at::Tensor();
       at::Tensor db_t = need_b ? db_part[t].narrow(0, 0, vc) : at::Tensor();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
@@ -557,7 +560,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
           const int64_t y = std::min(std::max<int64_t>(lab[i], 0), vocab - 1);
           grad_row(zp + k * z.stride(0), vc, c0, y, lsp[i], gp[i], p.o);
         }
-        if (p.amx) {
+        if (p.native) {
           // G rounded to bf16 (zero padding stays zero), then dH[tile] += G W[chunk] on the
           // matrix units (fp32 accumulation); G^T is kept for the dW pass after the tiles.
           at::Tensor gb = g16[t];
@@ -583,9 +586,9 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
           else db_t.add_(z.sum(0));
         }
       }
-      if (p.amx) cpublas::brgemm_release(true);
+      if (p.native) cpublas::brgemm_release(true);
     });
-    if (p.amx && need_w) {
+    if (p.native && need_w) {
       at::parallel_for(0, (vc + kSlice - 1) / kSlice, 1, [&](int64_t s0, int64_t s1) {
         const WorkerState worker(inference);
         at::Tensor ws = wslice[at::get_thread_num()];
@@ -601,7 +604,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
     at::Tensor dw_c, db_c;
     for (int64_t t = 0; t < n_threads; ++t) {
       if (!used[t]) continue;
-      if (need_w && !p.amx) {
+      if (need_w && !p.native) {
         at::Tensor part = dw_part[t].narrow(0, 0, vc);
         dw_c = dw_c.defined() ? dw_c.add_(part) : part;
       }
@@ -610,7 +613,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
         db_c = db_c.defined() ? db_c.add_(part) : part;
       }
     }
-    if (need_w && !p.amx) dw.narrow(0, c0, vc).copy_(dw_c);
+    if (need_w && !p.native) dw.narrow(0, c0, vc).copy_(dw_c);
     if (need_b) db.narrow(0, c0, vc).copy_(db_c);
   }
   at::Tensor dh = at::empty({0}, p.hidden.options());
@@ -621,12 +624,63 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
   return {dh, dw, db};
 }
 
-// Whether this CPU runs bf16 GEMMs on matrix units (the amx path): oneDNN's packed brgemm.
-bool amx_bf16() { return cpublas::could_pack(at::kBFloat16); }
+namespace {
+
+// CPUID leaf 7, subleaf 1, EAX bit 5: the AVX512-BF16 dot-product instructions (Zen 4, Cooper
+// Lake, Sapphire Rapids and later).
+bool cpu_has_avx512_bf16() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return (a >> 5) & 1u;
+}
+
+// One packed-B brgemm on small integers (exact in bf16 and in fp32) against the exact product:
+// the native path runs only where oneDNN's brgemm really computes it on this CPU (a fallback that
+// reads the packed operand another way is caught here rather than trusted).
+bool brgemm_selftest() {
+  constexpr int64_t M = 16, N = kBlockN, K = 32;
+  std::vector<bf16_bits> a(M * K), b(K * N), bp(K * N);
+  std::vector<float> c(M * N, 0.f);
+  auto to_bits = [](float x) { return at::BFloat16(x).x; };
+  for (int64_t i = 0; i < M * K; ++i) a[i] = to_bits(static_cast<float>(i % 7) - 3.f);
+  for (int64_t i = 0; i < K * N; ++i) b[i] = to_bits(static_cast<float>(i % 5) - 2.f);
+  pack_rows(b.data(), K, N, N, bp.data());
+  try {
+    cpublas::brgemm(M, N, K, K, N, N, false, reinterpret_cast<const at::BFloat16*>(a.data()),
+                    reinterpret_cast<const at::BFloat16*>(bp.data()), c.data(), true);
+    cpublas::brgemm_release(true);
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      float want = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        want += static_cast<float>((i * K + k) % 7 - 3) * static_cast<float>((k * N + j) % 5 - 2);
+      }
+      if (c[i * N + j] != want) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+// Which bf16 units the native path runs on here: "amx" (AMX tiles), "avx512_bf16" (AVX512-BF16
+// dot products on the vector units), or "" (neither, or brgemm failed its self-test: widen).
+std::string bf16_units() {
+  static const std::string units = [] {
+    if (!brgemm_selftest()) return std::string();
+    if (cpublas::could_pack(at::kBFloat16)) return std::string("amx");
+    if (cpu_has_avx512_bf16()) return std::string("avx512_bf16");
+    return std::string();
+  }();
+  return units;
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpo_kernels CPU backend: fused linear log-probs (forward and backward)";
   m.def("forward", &forward, "per-token log-probs, lse and stats of the compacted rows");
   m.def("backward", &backward, "gradients of sum(grad_c * logp) w.r.t. hidden, weight, bias");
-  m.def("amx_bf16", &amx_bf16, "whether bf16 GEMMs run on matrix units here");
+  m.def("bf16_units", &bf16_units, "the bf16 units of the native path here: amx, avx512_bf16 or ''");
 }

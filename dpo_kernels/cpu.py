@@ -11,10 +11,12 @@ ninja), ``backend="auto"`` falls back to the torch reference with one warning an
 ``DPO_KERNELS_CACHE`` sets the cache folder (default ``~/.cache/dpo_kernels``);
 ``DPO_KERNELS_NO_CPP=1`` disables the backend (``"auto"`` then uses the torch reference quietly).
 
-bf16 inputs run on the CPU's bf16 matrix units (AMX, through oneDNN's brgemm in ATen) where it
-has them, else widened to fp32 tiles: :func:`bf16_path` says which and why;
-``DPO_KERNELS_CPU_BF16=amx`` or ``=widen`` forces one (``amx`` raises where the CPU lacks the
-units), so both are tested and timed on one machine.
+bf16 inputs run bf16 GEMMs with fp32 accumulation on the CPU's bf16 units where it has them — AMX
+tiles, or the AVX512-BF16 dot-product instructions (oneDNN's brgemm in ATen picks the unit) — the
+"native" path; elsewhere they are widened to fp32 tiles ("widen"). :func:`bf16_path` says which and
+why; ``DPO_KERNELS_CPU_BF16=native`` or ``=widen`` forces one (``native`` raises where the CPU
+lacks the units; ``amx`` is an older name for ``native``), so both are tested and timed on one
+machine.
 """
 
 from __future__ import annotations
@@ -147,33 +149,41 @@ def load():
     return _module
 
 
-BF16_PATHS = ("amx", "widen")
+BF16_PATHS = ("native", "widen")
+_UNIT_NAMES = {"amx": "AMX tiles", "avx512_bf16": "AVX512-BF16 dot-product instructions"}
+
+
+def bf16_units() -> str:
+    """The bf16 units the native path runs on here: ``"amx"``, ``"avx512_bf16"`` or ``""``
+    (none, or oneDNN's brgemm failed the extension's self-test on this CPU)."""
+    return str(load().bf16_units())
 
 
 def bf16_path() -> tuple[str, str]:
-    """``(path, why)``: how the C++ backend runs bf16 inputs here — ``"amx"`` (bf16 GEMMs on the
-    CPU's matrix units, fp32 accumulation) or ``"widen"`` (fp32 GEMMs on widened tiles)."""
+    """``(path, why)``: how the C++ backend runs bf16 inputs here — ``"native"`` (bf16 GEMMs on
+    the CPU's bf16 units, fp32 accumulation) or ``"widen"`` (fp32 GEMMs on widened tiles)."""
     forced = os.environ.get("DPO_KERNELS_CPU_BF16", "auto")
+    forced = "native" if forced == "amx" else forced
     if forced not in ("auto", *BF16_PATHS):
-        raise ValueError(f"DPO_KERNELS_CPU_BF16 must be auto, amx or widen, got {forced!r}")
-    has_units = bool(load().amx_bf16())
+        raise ValueError(f"DPO_KERNELS_CPU_BF16 must be auto, native or widen, got {forced!r}")
+    units = bf16_units()
     if forced == "widen":
         return "widen", "forced by DPO_KERNELS_CPU_BF16=widen"
-    if forced == "amx":
-        if not has_units:
+    if forced == "native":
+        if not units:
             raise BackendUnavailable(
-                "DPO_KERNELS_CPU_BF16=amx: this CPU has no bf16 matrix units (oneDNN cannot pack "
-                "bf16 for them); unset it or use widen"
+                "DPO_KERNELS_CPU_BF16=native: this CPU has no bf16 units that oneDNN's brgemm "
+                "runs on (neither AMX nor AVX512-BF16); unset it or use widen"
             )
-        return "amx", "forced by DPO_KERNELS_CPU_BF16=amx"
-    if has_units:
-        return "amx", "this CPU has bf16 matrix units (AMX)"
-    return "widen", "this CPU has no bf16 matrix units: fp32 GEMMs on widened tiles are faster"
+        return "native", f"forced by DPO_KERNELS_CPU_BF16; on {_UNIT_NAMES[units]}"
+    if units:
+        return "native", f"bf16 GEMMs on this CPU's {_UNIT_NAMES[units]}"
+    return "widen", "this CPU has no bf16 units (AMX, AVX512-BF16): fp32 GEMMs are faster"
 
 
-def _amx(dtype: torch.dtype, dim: int) -> bool:
-    # An odd D has no whole pairs for the matrix unit's layout: widen (no real head has one).
-    return dtype == torch.bfloat16 and dim % 2 == 0 and bf16_path()[0] == "amx"
+def _native(dtype: torch.dtype, dim: int) -> bool:
+    # An odd D has no whole pairs for brgemm's VNNI layout: widen (no real head has one).
+    return dtype == torch.bfloat16 and dim % 2 == 0 and bf16_path()[0] == "native"
 
 
 def _chunk_v(n_rows: int, vocab: int) -> int:
@@ -224,7 +234,7 @@ class CppBackend(Backend):
             with_stats,
             _chunk_v(n_rows, weight.shape[0]),
             _tile_rows(n_rows),
-            _amx(hidden.dtype, weight.shape[1]),
+            _native(hidden.dtype, weight.shape[1]),
         )
         return TokenResult(*outs)
 
@@ -245,7 +255,7 @@ class CppBackend(Backend):
             *needs,
             _chunk_v(n_rows, weight.shape[0]),
             _tile_rows(n_rows),
-            _amx(hidden.dtype, weight.shape[1]),
+            _native(hidden.dtype, weight.shape[1]),
         )
         return Grads(*(g if need else None for g, need in zip(grads, needs)))
 

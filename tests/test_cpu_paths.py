@@ -1,5 +1,6 @@
-"""The C++ backend's two bf16 paths — bf16 GEMMs on the CPU's matrix units ("amx") and fp32 GEMMs
-on widened tiles ("widen") — each against the float64 oracle, on whatever CPU runs the tests."""
+"""The C++ backend's two bf16 paths — bf16 GEMMs on the CPU's bf16 units, AMX or AVX512-BF16
+("native"), and fp32 GEMMs on widened tiles ("widen") — each against the float64 oracle, on
+whatever CPU runs the tests."""
 
 import pytest
 import torch
@@ -30,13 +31,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def _has_units() -> bool:
-    return bool(cpu.load().amx_bf16())
+    return cpu.bf16_units() != ""
 
 
 @pytest.fixture(params=cpu.BF16_PATHS)
 def bf16_path(request, monkeypatch):
-    if request.param == "amx" and not _has_units():
-        pytest.skip("this CPU has no bf16 matrix units (the widen path runs here)")
+    if request.param == "native" and not _has_units():
+        pytest.skip("this CPU has no bf16 units (the widen path runs here)")
     monkeypatch.setenv("DPO_KERNELS_CPU_BF16", request.param)
     assert cpu.bf16_path()[0] == request.param
     return request.param
@@ -56,9 +57,9 @@ def test_bf16_path_odd_shapes(bf16_path, d, v):
 
 def test_bf16_paths_agree_on_values(monkeypatch):
     """Both paths accumulate in fp32 from the same bf16 products: values agree to fp32 rounding;
-    the paths really differ (the amx path rounds the logit gradient to bf16)."""
+    the paths really differ (the native path rounds the logit gradient to bf16)."""
     if not _has_units():
-        pytest.skip("this CPU has no bf16 matrix units")
+        pytest.skip("this CPU has no bf16 units")
 
     results = {}
     for path in cpu.BF16_PATHS:
@@ -67,29 +68,34 @@ def test_bf16_paths_agree_on_values(monkeypatch):
         out = dk.linear_logprobs(hidden, weight, labels, bias, backend="cpp")
         out.sum().backward()
         results[path] = (out.detach(), hidden.grad)
-    torch.testing.assert_close(results["amx"][0], results["widen"][0], rtol=1e-6, atol=1e-5)
-    assert not torch.equal(results["amx"][1], results["widen"][1])
+    torch.testing.assert_close(results["native"][0], results["widen"][0], rtol=1e-6, atol=1e-5)
+    assert not torch.equal(results["native"][1], results["widen"][1])
 
 
 def test_path_choice_and_errors(monkeypatch):
     monkeypatch.setenv("DPO_KERNELS_CPU_BF16", "fast")
-    with pytest.raises(ValueError, match="DPO_KERNELS_CPU_BF16 must be auto, amx or widen"):
+    with pytest.raises(ValueError, match="DPO_KERNELS_CPU_BF16 must be auto, native or widen"):
         cpu.bf16_path()
     monkeypatch.setenv("DPO_KERNELS_CPU_BF16", "auto")
     path, why = cpu.bf16_path()
-    assert path == ("amx" if _has_units() else "widen") and why
+    assert path == ("native" if _has_units() else "widen") and why
+    assert cpu.bf16_units() in ("amx", "avx512_bf16", "")
+    if _has_units():  # the older name of the native path still forces it
+        monkeypatch.setenv("DPO_KERNELS_CPU_BF16", "amx")
+        assert cpu.bf16_path()[0] == "native"
+        monkeypatch.setenv("DPO_KERNELS_CPU_BF16", "auto")
 
     real = cpu.load()
 
-    class NoUnits:  # the extension as a CPU without bf16 matrix units would see it
+    class NoUnits:  # the extension as a CPU without bf16 units would see it
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def amx_bf16(self):
-            return False
+        def bf16_units(self):
+            return ""
 
     monkeypatch.setattr(cpu, "load", NoUnits)
     assert cpu.bf16_path()[0] == "widen"
-    monkeypatch.setenv("DPO_KERNELS_CPU_BF16", "amx")
-    with pytest.raises(cpu.BackendUnavailable, match="no bf16 matrix units"):
+    monkeypatch.setenv("DPO_KERNELS_CPU_BF16", "native")
+    with pytest.raises(cpu.BackendUnavailable, match="no bf16 units"):
         cpu.bf16_path()
