@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dpo_kernels.bench import run_method, suite
-from dpo_kernels.bench.methods import naive_token_logprobs
+from dpo_kernels.bench.methods import naive_token_logprobs, unavailable_reason
 from dpo_kernels.bench.report import markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,3 +284,62 @@ def test_converted_w1_w2_results_render():
     assert "**W2** (dpo_step, bfloat16; 2048 tokens, D = 512, V = 128,256; 1,536 scored" in table
     assert "| dpo_kernels | 846.2 ms | 119.0 | — |" in table
     assert "| trl_chunked | timeout after 240 s (timed steps finished: 68.0 s, 65.1 s) |" in table
+
+
+def test_budget_cuts_the_timed_steps_and_says_so():
+    row = run_method(dict(TINY, method="naive", repeats=50, budget_s=0.0), timeout=300)
+    assert row["timed_steps"] == 1 and row["partial"] is True and len(row["times_ms"]) == 1
+    full = run_method(dict(TINY, method="naive", repeats=2), timeout=300)
+    assert full["timed_steps"] == 2 and full["partial"] is False
+    table = markdown({"device": "cpu", "rows": [dict(row, tokens=64)]})
+    assert f"| naive | {row['median_ms']:,.1f} ms (1 steps) |" in table
+
+
+def test_a_stopped_run_reports_how_long_its_step_had_run(monkeypatch):
+    """The runner reads the worker's BEGIN/WARM/STEP lines from a killed run: finished steps, and
+    the unfinished step's elapsed time as a lower bound (here faked: a step begun 30 s ago)."""
+    import subprocess
+
+    import dpo_kernels.bench as bench
+
+    def killed(now):
+        def fake_run(*_a, timeout, **_k):
+            out = f"BEGIN {now - 50:.3f}\nWARM 20000.0\nBEGIN {now - 30:.3f}\n"
+            raise subprocess.TimeoutExpired("worker", timeout, output=out)
+
+        return fake_run
+
+    monkeypatch.setattr(bench.time, "time", lambda: 1000.0)
+    monkeypatch.setattr(bench.subprocess, "run", killed(1000.0))
+    row = run_method(dict(TINY, method="naive"), timeout=60)
+    assert row["error"] == "timeout after 60 s" and "median_ms" not in row
+    assert row["warmup_ms"] == [20000.0] and abs(row["step_lower_bound_ms"] - 30000.0) < 1
+    assert row["unfinished_step"] == "timed" and "finished_steps_ms" not in row
+    ours = dict(TINY, method="dpo_kernels", tokens=64, median_ms=3000.0, peak_mem_mb=1.0, loss=0.7)
+    table = markdown({"device": "cpu", "rows": [ours, dict(row, tokens=64)]})
+    assert "| naive | timeout after 60 s (a step takes > 30.0 s) | | | < 0.10 |" in table
+
+
+def test_estimate_is_bounded_and_grows_with_work():
+    spec = dict(
+        next(iter(suite.plan(_args("--preset", "llama3-8b", "--tokens", "128"), "cpu"))),
+        warmup=1,
+    )
+    slow = suite.estimate_s(spec, 1.0, timeout=60)
+    fast = suite.estimate_s(spec, 1000.0, timeout=60)
+    assert slow == 60 and suite.STARTUP_S["cpu"] < fast < slow
+    gemm = dict(rows=96, hidden=4096, vocab=128256, dtype="float32", device="cpu")
+    assert suite.estimate_s(gemm, 100.0, timeout=60) < 60
+
+
+def test_main_job_defaults_fit_five_minutes_on_a_cpu():
+    """The CPU defaults of `dpo-kernels bench` (no flags): one head, one token count, every run
+    capped, so the worst case (every run reaching its timeout) stays near five minutes of runs
+    that are each cut well before (the budget)."""
+    specs = suite.plan(_args(), "cpu")
+    assert {s["preset"] for s in specs} == {"llama3-8b"} and {s["tokens"] for s in specs} == {128}
+    assert all(s["budget_s"] == suite.BUDGET["cpu"] for s in specs)
+    runs = [
+        s for s in specs if unavailable_reason(s["method"], s["softcap"], s["workload"]) is None
+    ]
+    assert len(runs) <= 11 and suite.TIMEOUT["cpu"] <= 60

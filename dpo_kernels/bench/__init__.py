@@ -54,11 +54,24 @@ def _in_worker(row: dict, timeout: float) -> dict:
             env=env,
         )
     except subprocess.TimeoutExpired as e:
+        killed = time.time()
         row["error"] = f"timeout after {timeout:.0f} s"
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        done = [float(ln.split()[1]) for ln in out.splitlines() if ln.startswith("STEP ")]
+        lines = out.splitlines()
+        done = [float(ln.split()[1]) for ln in lines if ln.startswith("STEP ")]
         if done:
             row["finished_steps_ms"] = done
+        warm = [float(ln.split()[1]) for ln in lines if ln.startswith("WARM ")]
+        if warm:
+            row["warmup_ms"] = warm
+        began = [float(ln.split()[1]) for ln in lines if ln.startswith("BEGIN ")]
+        if began and len(began) > len(done) + len(warm):  # killed inside a step
+            # How long that step had run: a lower bound on its time (a partial measured time,
+            # not a bare timeout); "warm-up" where it was the first step (compilation included).
+            row["step_lower_bound_ms"] = 1e3 * (killed - began[-1])
+            row["unfinished_step"] = (
+                "timed" if len(warm) >= int(row.get("warmup", 1)) else "warm-up"
+            )
         return row
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:

@@ -43,6 +43,21 @@ def _check_cell(row: dict) -> str:
     return f"{row['check']} ({row['loss_rel_diff']:.1e})"
 
 
+def error_text(row: dict) -> str:
+    """A row without a time: its error, and what was measured before it stopped (finished timed
+    steps; how long the step it was stopped in had run: a lower bound on the step time)."""
+    parts = [row["error"]]
+    if row.get("finished_steps_ms"):
+        parts.append(
+            "timed steps finished: "
+            + ", ".join(f"{t / 1e3:.1f} s" for t in row["finished_steps_ms"])
+        )
+    if "step_lower_bound_ms" in row:
+        which = "its first (warm-up) step" if row.get("unfinished_step") == "warm-up" else "a step"
+        parts.append(f"{which} takes > {row['step_lower_bound_ms'] / 1e3:.1f} s")
+    return parts[0] + (f" ({'; '.join(parts[1:])})" if len(parts) > 1 else "")
+
+
 def _counts(row: dict) -> Optional[tuple[int, int, int]]:
     """(scored tokens, flops, bytes) of a row's step: its own, else from its shape."""
     if "flops" in row:
@@ -124,9 +139,14 @@ def markdown(result: dict) -> str:
         out.append("|---|" + "---:|" * (len(COLUMNS) - 1) + ("---|" if checked else ""))
         for r in rows:
             if "median_ms" not in r:
-                done = ", ".join(f"{t / 1e3:.1f} s" for t in r.get("finished_steps_ms", []))
-                note = r["error"] + (f" (timed steps finished: {done})" if done else "")
-                out.append(f"| {r['method']} | {note} |" + " |" * (len(columns) - 2))
+                bound = ""  # a stopped run's lower bound on its step time bounds our ratio
+                if ours is not None and r.get("step_lower_bound_ms", 0) > 0:
+                    bound = f"< {ours['median_ms'] / r['step_lower_bound_ms']:.2f}"
+                rest = ["", "", bound] + [""] * (len(columns) - 5)
+                out.append(
+                    f"| {r['method']} | {error_text(r)} |"
+                    + "".join(f" {c} |" if c else " |" for c in rest)
+                )
                 continue
             t_ratio = m_ratio = "—"
             rate, floor = _gflops(r), _floor_rate(result, r)
@@ -134,8 +154,9 @@ def markdown(result: dict) -> str:
                 t_ratio = f"{ours['median_ms'] / r['median_ms']:.2f}"
                 if r["peak_mem_mb"] > 0:
                     m_ratio = f"{ours['peak_mem_mb'] / r['peak_mem_mb']:.2f}"
+            steps = f" ({r['timed_steps']} steps)" if r.get("partial") else ""
             out.append(
-                f"| {r['method']} | {_fmt(r['median_ms'], ' ms')} | {_fmt(rate)} | "
+                f"| {r['method']} | {_fmt(r['median_ms'], ' ms')}{steps} | {_fmt(rate)} | "
                 f"{_pct(None if rate is None or floor is None else rate / floor)} | {t_ratio} | "
                 f"{_fmt(r['peak_mem_mb'], ' MB')} | {m_ratio} | "
                 f"{_fmt(r.get('first_step_mem_mb'), ' MB')} | {r['loss']:.4f} |"

@@ -39,6 +39,7 @@ import torch
 from .. import __version__
 from . import measure_gemm, run_method
 from .methods import METHODS, WORKLOADS, scored_tokens, work
+from .report import error_text
 
 #: Real LM heads: (hidden size D, vocab size V, final-logit softcap), tokens from TOKENS. A preset
 #: with its own ``tokens``, ``seq_len`` and ``workloads`` is a fixed batch: W1 and W2 are one DPO
@@ -57,7 +58,7 @@ PRESETS = {
 }
 #: Tokens per step (chosen + rejected, prompt included) for a preset, scaled to the device: a
 #: GPU runs real batch sizes; a 2-core CPU a few hundred tokens at the real D and V.
-TOKENS = {"cuda": (2048, 4096, 8192, 16384), "cpu": (128, 256)}
+TOKENS = {"cuda": (2048, 4096, 8192, 16384), "cpu": (128,)}
 SEQ_LEN = {"cuda": 1024, "cpu": 128}
 #: --quick: one small sweep that finishes in about two minutes on a 2-core CPU.
 QUICK = {
@@ -75,6 +76,14 @@ DTYPES = {
 #: Loss agreement with ours that counts as a pass: fp32 everywhere is exact up to summation
 #: order; 16-bit peers round the logits (ours accumulate in fp32), so their loss moves by ~1e-2.
 CHECK_RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+#: Per-run limits on a device when not given: seconds of timed steps (``--budget``: the steps stop
+#: once they have used it, at least one) and seconds before a run is stopped (``--timeout``; the
+#: row then says how long its unfinished step had run). The CPU's keep the main job within five
+#: minutes on two cores: a peer that needs minutes per step at a real head is cut at a minute.
+BUDGET = {"cuda": None, "cpu": 10.0}
+TIMEOUT = {"cuda": 300.0, "cpu": 60.0}
+#: Seconds a run's process takes beyond its steps (start, imports, inputs), for the estimate.
+STARTUP_S = {"cuda": 15.0, "cpu": 5.0}
 PEERS = ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers")
 
 
@@ -202,6 +211,7 @@ def plan(args, device: str) -> list[dict]:
                             device=device,
                             warmup=args.warmup,
                             repeats=args.repeats or (2 if args.quick else 3),
+                            budget_s=args.budget if args.budget is not None else BUDGET[kind],
                             scored_tokens=scored,
                             flops=flops,
                             bytes=nbytes,
@@ -244,14 +254,46 @@ def _check(row: dict, ours: Optional[dict]) -> None:
     row["check"] = "ok" if rel <= CHECK_RTOL[row["dtype"]] else "differs from ours"
 
 
-def _progress(total: int):
+def _progress(total: float):
+    """A bar over the run's estimated seconds (:func:`estimate_s`), so that its "remaining" is an
+    estimate of the time left; ``None`` without tqdm."""
     try:
         from tqdm import tqdm
 
         # disable=None: a bar on a terminal, plain lines (bar.write) in logs
-        return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr, disable=None)
+        return tqdm(
+            total=round(total, 1),
+            unit="s",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=None,
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ~{remaining} left",
+        )
     except ImportError:
         return None
+
+
+def estimate_s(spec: dict, rate_gflops: float, timeout: float) -> float:
+    """Predicted wall seconds of one run: process start, the warm-up and the timed steps (within
+    the budget) at the workload's useful FLOPs over ``rate_gflops``, capped at the timeout. For a
+    GEMM floor entry (no ``flops``), its calls at the GEMM's own FLOPs."""
+    kind = "cuda" if spec["device"].startswith("cuda") else "cpu"
+    if "flops" in spec:
+        step = spec["flops"] / (rate_gflops * 1e9)
+        timed = spec["repeats"] * step
+        if spec.get("budget_s") is not None:
+            timed = min(timed, spec["budget_s"] + step)
+        steps = spec["warmup"] * step + timed
+    else:
+        steps = min(7 * 2 * spec["rows"] * spec["hidden"] * spec["vocab"] / (rate_gflops * 1e9), 40)
+    return min(STARTUP_S[kind] + steps, timeout)
+
+
+def _rate_guess(floors: dict, spec: dict, default: float) -> float:
+    """The measured GEMM rate at a spec's shape where there is one, else ``default``; halved for
+    the estimate (elementwise work, peers slower than the GEMM)."""
+    f = floors.get(floor_key(spec))
+    return 0.5 * (f["gflops"] if f is not None and "gflops" in f else default)
 
 
 def run(args, argv) -> dict:
@@ -261,7 +303,8 @@ def run(args, argv) -> dict:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
     specs = plan(args, device)
-    timeout = args.timeout or (300.0 if device.startswith("cuda") else 120.0)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    timeout = args.timeout or TIMEOUT[kind]
     # One floor per GEMM shape in the run's dtype (each row's fraction). On a CPU also fp32 and
     # bf16 once per head, at its largest row count: which of them runs on matrix units (and how
     # much faster) tells CPU kinds apart, and on a CPU without bf16 units one bf16 GEMM of a real
@@ -297,16 +340,31 @@ def run(args, argv) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = _progress(len(gemms) + len(specs))
+    default_rate = 100_000.0 if kind == "cuda" else 100.0  # GFLOP/s until the floors are in
+    gemm_specs = [
+        dict(rows=rows, hidden=hidden, vocab=vocab, dtype=dtype, device=device)
+        for hidden, vocab, rows, dtype in gemms
+    ]
+
+    def planned(floors: dict) -> list[float]:
+        return [
+            estimate_s(g, _rate_guess(floors, g, default_rate), timeout) for g in gemm_specs
+        ] + [estimate_s(sp, _rate_guess(floors, sp, default_rate), timeout) for sp in specs]
+
+    est = planned({})
+    bar = _progress(sum(est))
     say = bar.write if bar is not None else print
+    budget = specs[0].get("budget_s") if specs else None
     say(
         f"dpo-kernels bench on {result['device']}: {len(gemms)} GEMM floor and {len(specs)} "
-        f"method runs, each in its own process (timeout {timeout:.0f} s) -> {out}/"
+        f"method runs, each in its own process (timeout {timeout:.0f} s"
+        + (f", timed steps cut after {budget:.0f} s" if budget is not None else "")
+        + f"; estimated {sum(est) / 60:.1f} min) -> {out}/"
     )
     floors = {}
-    for hidden, vocab, rows, dtype in gemms:
+    for i, (hidden, vocab, rows, dtype) in enumerate(gemms):
         if bar is not None:
-            bar.set_description(f"GEMM floor D={hidden} V={vocab} {dtype}")
+            bar.set_description(f"[{i + 1}/{len(gemms)}] GEMM floor D={hidden} V={vocab} {dtype}")
         got = measure_gemm(
             dict(rows=rows, hidden=hidden, vocab=vocab, dtype=dtype, device=device), timeout=timeout
         )
@@ -316,11 +374,17 @@ def run(args, argv) -> dict:
         result["floor"].append(entry)
         say(_floor_text(entry))
         if bar is not None:
-            bar.update()
+            bar.update(est[i])
+    if bar is not None and specs:  # re-estimate the method runs at the measured rates
+        est = est[: len(gemms)] + planned(floors)[len(gemms) :]
+        bar.total = round(bar.n + sum(est[len(gemms) :]), 1)
+        bar.refresh()
     ours = None
     for k, spec in enumerate(specs, 1):
         if bar is not None:
-            bar.set_description(f"{spec['method']} {spec['workload']} {spec['tokens']} tok")
+            bar.set_description(
+                f"[{k}/{len(specs)}] {spec['method']} {spec['workload']} {spec['tokens']} tok"
+            )
         row = run_method(spec, timeout=timeout)
         if row["method"] == "dpo_kernels":
             ours = row
@@ -332,11 +396,15 @@ def run(args, argv) -> dict:
         _rates(row, floors.get(floor_key(row)))
         result["rows"].append(row)
         frac = f" ({row['gemm_frac']:4.0%} of GEMM)" if "gemm_frac" in row else ""
+        partial = (
+            f" ({row['timed_steps']} of {spec['repeats']} steps)" if row.get("partial") else ""
+        )
         shown = (
             f"{row['median_ms']:10.1f} ms {row['gflops']:8.1f} GFLOP/s{frac} "
-            f"{row['peak_mem_mb']:9.1f} MB" + (f"  loss {row['check']}" if "check" in row else "")
+            f"{row['peak_mem_mb']:9.1f} MB{partial}"
+            + (f"  loss {row['check']}" if "check" in row else "")
             if "median_ms" in row
-            else row["error"]
+            else error_text(row)
         )
         say(
             f"[{k}/{len(specs)}] {spec['workload']:16s} {spec['tokens']:6d} tok "
@@ -344,7 +412,7 @@ def run(args, argv) -> dict:
         )
         (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")  # partial too
         if bar is not None:
-            bar.update()
+            bar.update(est[len(gemms) + k - 1])
     if bar is not None:
         bar.close()
     return result
@@ -437,7 +505,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a small sweep (~2 min on a 2-core CPU)")
     p.add_argument("--repeats", type=int, help="timed steps per run (default 3; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
-    p.add_argument("--timeout", type=float, help="seconds per run (default 300 GPU, 120 CPU)")
+    p.add_argument(
+        "--timeout", type=float, help="seconds before a run is stopped (default 300 GPU, 60 CPU)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="seconds of timed steps per run: fewer steps once used (default: none GPU, 10 CPU)",
+    )
     p.add_argument("--out", default="dpo-kernels-bench", help="folder for results.json/.png")
 
 

@@ -9,6 +9,12 @@ size follows live memory. ``first_step_mem_mb`` is the same delta over the warm-
 after the inputs are built: one-time costs (imports, compilation, caches, the gradients' first
 allocation) included. On CUDA the same is done with ``max_memory_allocated``.
 
+A spec with ``budget_s`` caps the timed steps: they stop once their sum reaches it (at least one
+step; only one where the warm-up step alone took that long), and the row says how many ran
+(``timed_steps``, ``partial``). Before each step the worker prints ``BEGIN <epoch seconds>`` and
+after it ``WARM``/``STEP <ms>``, so a runner that has to kill it still knows what finished and how
+long the unfinished step had run (a lower bound on its time).
+
 A spec with ``"kind": "gemm"`` times the GEMM floor instead (:func:`gemm`): the logits GEMM alone,
 ``torch.mm`` of ``[rows × D]·[D × V]``, in its own process like the methods so that nothing else
 runs beside it.
@@ -97,17 +103,25 @@ def run(spec: dict) -> dict:
     cuda = device.startswith("cuda")
 
     warmup, repeats = spec.get("warmup", 1), spec.get("repeats", 3)
+    budget = spec.get("budget_s")
     # First step(s): imports, compilation, first-call caches and the gradients' first allocation.
     mark = PeakMeter(cuda)
+    warm = 0.0
     for _ in range(warmup):
-        step()
+        print(f"BEGIN {time.time():.3f}", flush=True)
+        seconds = _timed(step, cuda)[0]
+        warm += seconds
+        print(f"WARM {1e3 * seconds:.1f}", flush=True)
     if cuda:
         torch.cuda.synchronize()
     first = mark.delta_mb()
+    if budget is not None and warmup and warm / warmup >= budget:
+        repeats = 1  # one timed step is all the budget allows
     # Then each timed step's own peak above what lives between steps.
     mark = PeakMeter(cuda)
     times, loss = [], None
-    for _ in range(repeats):
+    while len(times) < repeats and not (budget is not None and times and sum(times) >= budget):
+        print(f"BEGIN {time.time():.3f}", flush=True)
         seconds, loss = _timed(step, cuda)
         times.append(seconds)
         print(f"STEP {1e3 * times[-1]:.1f}", flush=True)  # read back if the run times out
@@ -115,6 +129,8 @@ def run(spec: dict) -> dict:
     return {
         "median_ms": 1e3 * statistics.median(times),
         "times_ms": [1e3 * t for t in times],
+        "timed_steps": len(times),
+        "partial": len(times) < spec.get("repeats", 3),
         "peak_mem_mb": peak,
         "first_step_mem_mb": first,
         "loss": float(loss),
