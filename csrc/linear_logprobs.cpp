@@ -191,19 +191,25 @@ struct Problem {
   Options o;
   int64_t nv, vocab, dim, vc_max, tile_rows, n_blocks, n_threads;
   bool native;
+  // Vocabulary split: the threads share out the vocabulary chunks instead of the row tiles, each
+  // thread walking all rows for its chunks (few rows: every thread busy with tiles of all of them;
+  // see split_vocab in cpu.py). Widening path only.
+  bool split;
   int64_t rq, dq;
   at::Tensor ht, zt;
   // One chunk's converted head, reused by every chunk (a fresh multi-MB buffer per chunk costs a
   // page fault per 4 KiB when the allocator returns large blocks to the system): the fp32 copy on
-  // the widening path, the packed B of dH on the native path. Untouched pages cost nothing.
+  // the widening path (one per thread with the vocabulary split), the packed B of dH on the
+  // native path. Untouched pages cost nothing.
   at::Tensor wbuf;
 };
 
 Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
                 const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
                 const at::Tensor& rows, double pre_scale, double post_scale, bool softcap,
-                int64_t chunk_v, int64_t tile_rows, bool native) {
+                int64_t chunk_v, int64_t tile_rows, bool native, bool split) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden and weight must be 2-D");
+  TORCH_CHECK(!(native && split), "the vocabulary split runs on the widening path only");
   TORCH_CHECK(!native || (hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0),
               "the native path takes bfloat16 inputs with an even D (bf16_units() says whether "
               "this CPU has the units)");
@@ -231,6 +237,7 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
   p.n_blocks = (p.nv + tile_rows - 1) / tile_rows;
   p.n_threads = at::get_num_threads();
   p.native = native;
+  p.split = split;
   const int64_t tr = std::min(tile_rows, p.nv);
   p.rq = native ? round_up(tr, kBlockN) : tr;
   p.dq = native ? round_up(p.dim, kBlockN) : p.dim;
@@ -255,7 +262,7 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
   if (native) {
     p.wbuf = at::empty({p.dq * round_up(p.vc_max, 2)}, p.weight.options());
   } else if (p.weight.scalar_type() != at::kFloat) {
-    p.wbuf = at::empty({p.vc_max, p.dim}, f32);
+    p.wbuf = at::empty({split ? p.n_threads : 1, p.vc_max, p.dim}, f32);
   }
   return p;
 }
@@ -268,7 +275,7 @@ struct Chunk {
   at::Tensor wk;
 };
 
-Chunk chunk_at(const Problem& p, int64_t c0, bool for_backward) {
+Chunk chunk_at(const Problem& p, int64_t c0, bool for_backward, int64_t t = 0) {
   Chunk c{c0, std::min(p.vc_max, p.vocab - c0), {}, {}, {}};
   at::Tensor w = p.weight.narrow(0, c0, c.vc);
   if (p.bias.has_value()) c.b = p.bias->narrow(0, c0, c.vc).to(at::kFloat).unsqueeze(0);
@@ -276,7 +283,7 @@ Chunk chunk_at(const Problem& p, int64_t c0, bool for_backward) {
     if (w.scalar_type() == at::kFloat) {
       c.w = w.contiguous();
     } else {
-      c.w = p.wbuf.narrow(0, 0, c.vc);
+      c.w = p.wbuf[p.split ? t : 0].narrow(0, 0, c.vc);
       c.w.copy_(w);
     }
     return c;
@@ -396,6 +403,28 @@ inline void fold_row(float* z, int64_t vc, int64_t c0, int64_t y, const Options&
   st.m[i] = m_new;
 }
 
+// Fold the row-states of another share of the vocabulary into st (same rows): the sums brought to
+// the larger reference point, as fold_row does for one chunk; a NaN row stays NaN.
+void merge_rows(RowState& st, const RowState& o) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < st.m.size(); ++i) {
+    if (std::isnan(st.m[i]) || std::isnan(o.m[i])) {
+      st.m[i] = std::numeric_limits<double>::quiet_NaN();
+    } else if (o.m[i] > ninf) {  // else o saw no chunk of this row: nothing to add
+      const double m_new = std::max(st.m[i], o.m[i]);
+      const double a = st.m[i] > ninf ? std::exp(st.m[i] - m_new) : 0.0;
+      const double b = std::exp(o.m[i] - m_new);
+      st.s[i] = st.s[i] * a + o.s[i] * b;
+      st.szx[i] = st.szx[i] * a + o.szx[i] * b;
+      st.s2[i] = st.s2[i] * a * a + o.s2[i] * b * b;
+      st.m[i] = m_new;
+    }
+    st.sumz[i] += o.sumz[i];
+    if (!std::isnan(o.target[i])) st.target[i] = o.target[i];
+    st.zmax[i] = std::max(st.zmax[i], o.zmax[i]);
+  }
+}
+
 // One row of logits z -> its logit gradient g * (onehot - softmax) * dz/dx, in place.
 inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, float g,
                      const Options& o) {
@@ -433,16 +462,43 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
                                 const at::Tensor& rows, double pre_scale, double post_scale,
                                 bool softcap, bool with_stats, int64_t chunk_v,
-                                int64_t tile_rows, bool native) {
+                                int64_t tile_rows, bool native, bool split_vocab) {
   const bool inference = c10::InferenceMode::is_enabled();
   at::NoGradGuard no_grad;
   const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
-                            chunk_v, tile_rows, native);
+                            chunk_v, tile_rows, native, split_vocab);
   const int64_t nv = p.nv, vocab = p.vocab;
   const int64_t* lab = p.labels.data_ptr<int64_t>();
   RowState st(nv);
 
-  for (int64_t c0 = 0; c0 < vocab; c0 += p.vc_max) {
+  if (p.split) {
+    // Each thread folds its share of the chunks, over all rows, into its own row-states, which
+    // are then merged in thread order (the chunk-to-thread split is fixed by the thread count).
+    const int64_t n_chunks = (vocab + p.vc_max - 1) / p.vc_max;
+    std::vector<RowState> part(p.n_threads, RowState(nv));
+    std::vector<char> used(p.n_threads, 0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
+      const WorkerState worker(inference);
+      const int64_t t = at::get_thread_num();
+      used[t] = 1;
+      for (int64_t k = k0; k < k1; ++k) {
+        const Chunk c = chunk_at(p, k * p.vc_max, /*for_backward=*/false, t);
+        for (int64_t b = 0; b < p.n_blocks; ++b) {
+          const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
+          at::Tensor z = tile_logits(p, c, t, b, r0, r);
+          float* zp = z.data_ptr<float>();
+          for (int64_t i = 0; i < r; ++i) {
+            fold_row(zp + i * z.stride(0), c.vc, c.c0, lab[r0 + i], p.o, with_stats, part[t],
+                     r0 + i);
+          }
+        }
+      }
+    });
+    for (int64_t t = 0; t < p.n_threads; ++t) {
+      if (used[t]) merge_rows(st, part[t]);
+    }
+  }
+  for (int64_t c0 = 0; c0 < vocab && !p.split; c0 += p.vc_max) {
     const Chunk c = chunk_at(p, c0, /*for_backward=*/false);
     at::parallel_for(0, p.n_blocks, 1, [&](int64_t b0, int64_t b1) {
       const WorkerState worker(inference);
@@ -490,11 +546,12 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& rows, const at::Tensor& lse_c,
                                  const at::Tensor& grad_c, double pre_scale, double post_scale,
                                  bool softcap, bool need_h, bool need_w, bool need_b,
-                                 int64_t chunk_v, int64_t tile_rows, bool native) {
+                                 int64_t chunk_v, int64_t tile_rows, bool native,
+                                 bool split_vocab) {
   const bool inference = c10::InferenceMode::is_enabled();
   at::NoGradGuard no_grad;
   const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
-                            chunk_v, tile_rows, native);
+                            chunk_v, tile_rows, native, split_vocab);
   const int64_t nv = p.nv, vocab = p.vocab, dim = p.weight.size(1), n_threads = p.n_threads;
   TORCH_CHECK(lse_c.dim() == 1 && lse_c.size(0) == nv && grad_c.dim() == 1 && grad_c.size(0) == nv,
               "lse_c and grad_c must be 1-D with one value per row");
@@ -541,7 +598,53 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
   const float* lsp = lse.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
 
-  for (int64_t c0 = 0; c0 < vocab; c0 += p.vc_max) {
+  if (p.split) {
+    // Each thread takes a share of the chunks over all rows: it writes dW and db of its chunks
+    // whole (no partials to add), and accumulates dH into its own [Nv x D] partial; those are
+    // summed in thread order after the sweep (the chunk-to-thread split is fixed by the thread
+    // count, so results repeat bitwise from run to run).
+    const int64_t n_chunks = (vocab + p.vc_max - 1) / p.vc_max;
+    at::Tensor dh_part = need_h ? at::zeros({n_threads, nv, dim}, f32) : at::Tensor();
+    std::fill(used.begin(), used.end(), 0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
+      const WorkerState worker(inference);
+      const int64_t t = at::get_thread_num();
+      used[t] = 1;
+      for (int64_t k = k0; k < k1; ++k) {
+        const Chunk c = chunk_at(p, k * p.vc_max, /*for_backward=*/true, t);
+        const bool dw_direct = need_w && p.weight.scalar_type() == at::kFloat;
+        at::Tensor dw_t = !need_w ? at::Tensor()
+                          : dw_direct ? dw.narrow(0, c.c0, c.vc)
+                                      : dw_part[t].narrow(0, 0, c.vc);
+        at::Tensor db_t = need_b ? db_part[t].narrow(0, 0, c.vc) : at::Tensor();
+        for (int64_t b = 0; b < p.n_blocks; ++b) {
+          const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
+          at::Tensor z = tile_logits(p, c, t, b, r0, r);
+          float* zp = z.data_ptr<float>();
+          for (int64_t i = 0; i < r; ++i) {
+            const int64_t y = std::min(std::max<int64_t>(lab[r0 + i], 0), vocab - 1);
+            grad_row(zp + i * z.stride(0), c.vc, c.c0, y, lsp[r0 + i], gp[r0 + i], p.o);
+          }
+          if (need_h) dh_part[t].narrow(0, r0, r).addmm_(z, c.w);
+          if (need_w) {
+            const at::Tensor h_b = p.h.narrow(0, r0, r);
+            if (b == 0) at::mm_out(dw_t, z.t(), h_b);
+            else dw_t.addmm_(z.t(), h_b);
+          }
+          if (need_b) {
+            if (b == 0) at::sum_out(db_t, z, {0});
+            else db_t.add_(z.sum(0));
+          }
+        }
+        if (need_w && !dw_direct) dw.narrow(0, c.c0, c.vc).copy_(dw_t);
+        if (need_b) db.narrow(0, c.c0, c.vc).copy_(db_t);
+      }
+    });
+    for (int64_t t = 0; t < n_threads && need_h; ++t) {
+      if (used[t]) dh_acc.add_(dh_part[t]);
+    }
+  }
+  for (int64_t c0 = 0; c0 < vocab && !p.split; c0 += p.vc_max) {
     const Chunk c = chunk_at(p, c0, /*for_backward=*/true);
     const int64_t vc = c.vc, kv = round_up(vc, 2);
     std::fill(used.begin(), used.end(), 0);

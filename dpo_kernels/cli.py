@@ -132,6 +132,12 @@ def info(_args) -> int:
             print(f"backend cpp, bf16 inputs: {path} ({why})")
         except (ValueError, cpu.BackendUnavailable) as e:
             print(f"backend cpp, bf16 inputs: {e}")
+        threads = torch.get_num_threads()
+        print(
+            f"backend cpp, tiles: {threads} threads, L2 {cpu.l2_bytes() // 2**10} KiB per core; "
+            f"below {threads * cpu.TILE_ROWS} rows the threads share out the vocabulary, "
+            "else the row tiles (widening path; cpu.plan)"
+        )
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1: Triton kernels run interpreted on the CPU (slow; for tests)")
     return 0

@@ -28,13 +28,23 @@ import sys
 import sysconfig
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from .backend import Backend, BackendUnavailable, Grads, TokenResult, chunk_budget_bytes, register
 
-__all__ = ["BACKEND", "BF16_PATHS", "BackendUnavailable", "CppBackend", "bf16_path", "load"]
+__all__ = [
+    "BACKEND",
+    "BF16_PATHS",
+    "BackendUnavailable",
+    "CppBackend",
+    "Plan",
+    "bf16_path",
+    "bf16_units",
+    "load",
+    "plan",
+]
 
 SOURCES = ("linear_logprobs.cpp",)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -186,18 +196,76 @@ def _native(dtype: torch.dtype, dim: int) -> bool:
     return dtype == torch.bfloat16 and dim % 2 == 0 and bf16_path()[0] == "native"
 
 
-def _chunk_v(n_rows: int, vocab: int) -> int:
-    # The [Nv x Vc] fp32 buffer also obeys the memory budget (DPO_KERNELS_CHUNK_MB).
-    by_budget = chunk_budget_bytes() // max(1, 4 * n_rows)
-    return int(max(1, min(vocab, DEFAULT_CHUNK_V, by_budget)))
+SPLITS = ("rows", "vocab")
 
 
-def _tile_rows(n_rows: int) -> int:
-    """Rows per tile: at most TILE_ROWS, and as many tiles as a multiple of the thread count, so
-    that few rows (a short batch: 96 scored tokens) still keep every thread busy."""
-    threads = max(1, torch.get_num_threads())
-    rounds = -(-n_rows // (threads * TILE_ROWS))  # tiles per thread at TILE_ROWS rows each
-    return int(max(1, min(TILE_ROWS, -(-n_rows // (threads * max(1, rounds))))))
+def l2_bytes() -> int:
+    """This CPU's per-core L2 size from sysfs (Linux), else 1 MiB."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(base.glob("index*")):
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                mult = {"K": 2**10, "M": 2**20}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        pass
+    return 2**20
+
+
+class Plan(NamedTuple):
+    """How one call's work is cut: vocabulary chunks of ``chunk_v`` columns, row tiles of
+    ``tile_rows`` rows, and which of the two the threads share out (``split``: ``"rows"`` or
+    ``"vocab"``)."""
+
+    chunk_v: int
+    tile_rows: int
+    split: str
+
+
+def plan(n_rows: int, vocab: int, dim: int, native: bool, threads: Optional[int] = None) -> Plan:
+    """The tile policy of one call (read at run time: thread count, L2 size, memory budget).
+
+    - Row tiles of at most TILE_ROWS rows. With at least a full tile per thread the threads
+      share out the row tiles, walking the vocabulary chunk by chunk together (``"rows"``).
+    - With fewer rows (a short batch: 96 scored tokens), splitting them would leave each thread
+      a thin tile (48 rows on 2 threads) whose GEMMs run below the machine's rate, so the threads
+      share out the vocabulary chunks instead, each walking all rows (``"vocab"``): its tiles
+      keep all rows, its dW and db chunks are written whole, and it adds dH into its own
+      [rows × D] fp32 partial (summed in thread order). Where those partials would exceed the
+      memory budget (``DPO_KERNELS_CHUNK_MB``), or there are too few chunks to share, rows.
+      The widening path only: the native path's brgemm tiles are cut by 64-column blocks.
+    - Chunks of at most DEFAULT_CHUNK_V columns, fewer where the [tile × chunk] fp32 tile would
+      not fit half the L2, or the [rows × chunk] buffer the memory budget.
+
+    ``DPO_KERNELS_CPU_SPLIT=rows|vocab`` forces the split (where it can run), for tests and
+    timing."""
+    threads = max(1, threads or torch.get_num_threads())
+    forced = os.environ.get("DPO_KERNELS_CPU_SPLIT", "auto")
+    if forced not in ("auto", *SPLITS):
+        raise ValueError(f"DPO_KERNELS_CPU_SPLIT must be auto, rows or vocab, got {forced!r}")
+    budget = chunk_budget_bytes()
+
+    def cut(split: str) -> Plan:
+        if split == "vocab":
+            tile_rows = min(TILE_ROWS, max(1, n_rows))
+        else:
+            rounds = -(-n_rows // (threads * TILE_ROWS))  # tiles per thread at TILE_ROWS rows
+            tile_rows = max(1, min(TILE_ROWS, -(-n_rows // (threads * max(1, rounds)))))
+        by_l2 = (l2_bytes() // 2) // (4 * tile_rows)
+        by_budget = budget // max(1, 4 * n_rows)
+        chunk_v = max(1, min(vocab, DEFAULT_CHUNK_V, max(64, by_l2), by_budget))
+        return Plan(int(chunk_v), int(tile_rows), split)
+
+    if native or forced == "rows":
+        return cut("rows")
+    by_vocab = cut("vocab")
+    if forced == "vocab":
+        return by_vocab
+    few_rows = threads > 1 and n_rows < threads * TILE_ROWS
+    fits = threads * n_rows * dim * 4 <= budget
+    enough_chunks = -(-vocab // by_vocab.chunk_v) >= 4 * threads
+    return by_vocab if few_rows and fits and enough_chunks else cut("rows")
 
 
 class CppBackend(Backend):
@@ -221,7 +289,8 @@ class CppBackend(Backend):
 
     def forward(self, x, opts, with_stats) -> TokenResult:
         hidden, weight, bias, rows, labels, _ = x
-        n_rows = rows.shape[0]
+        native = _native(hidden.dtype, weight.shape[1])
+        cut = plan(rows.shape[0], weight.shape[0], weight.shape[1], native)
         outs = load().forward(
             hidden,
             weight,
@@ -232,15 +301,17 @@ class CppBackend(Backend):
             opts.post_scale,
             opts.has_softcap,
             with_stats,
-            _chunk_v(n_rows, weight.shape[0]),
-            _tile_rows(n_rows),
-            _native(hidden.dtype, weight.shape[1]),
+            cut.chunk_v,
+            cut.tile_rows,
+            native,
+            cut.split == "vocab",
         )
         return TokenResult(*outs)
 
     def backward(self, x, lse, grad, opts, needs) -> Grads:
         hidden, weight, bias, rows, labels, _ = x
-        n_rows = rows.shape[0]
+        native = _native(hidden.dtype, weight.shape[1])
+        cut = plan(rows.shape[0], weight.shape[0], weight.shape[1], native)
         grads = load().backward(
             hidden,
             weight,
@@ -253,9 +324,10 @@ class CppBackend(Backend):
             opts.post_scale,
             opts.has_softcap,
             *needs,
-            _chunk_v(n_rows, weight.shape[0]),
-            _tile_rows(n_rows),
-            _native(hidden.dtype, weight.shape[1]),
+            cut.chunk_v,
+            cut.tile_rows,
+            native,
+            cut.split == "vocab",
         )
         return Grads(*(g if need else None for g, need in zip(grads, needs)))
 

@@ -67,7 +67,10 @@ def test_failures_are_rows_not_gaps():
     assert unknown["error"].startswith("not run: unknown method")
     start = time.perf_counter()  # a run that cannot end in time is stopped there, and is a row
     slow = run_method(dict(TINY, method="naive", repeats=10**7), timeout=1.5)
-    assert slow["error"] == "timeout after 2 s" and "median_ms" not in slow
+    if "median_ms" in slow:  # stopped after some timed steps: a measurement of fewer steps
+        assert slow["stopped"] == "timeout after 2 s" and slow["partial"] and "error" not in slow
+    else:
+        assert slow["error"] == "timeout after 2 s"
     assert slow["method"] == "naive" and slow["repeats"] == 10**7
     assert time.perf_counter() - start < 10
     broken = run_method(dict(TINY, method="naive", dtype="no_such_dtype"))
@@ -292,32 +295,44 @@ def test_budget_cuts_the_timed_steps_and_says_so():
     full = run_method(dict(TINY, method="naive", repeats=2), timeout=300)
     assert full["timed_steps"] == 2 and full["partial"] is False
     table = markdown({"device": "cpu", "rows": [dict(row, tokens=64)]})
-    assert f"| naive | {row['median_ms']:,.1f} ms (1 steps) |" in table
+    assert f"| naive | {row['median_ms']:,.1f} ms (1 step) |" in table
 
 
 def test_a_stopped_run_reports_how_long_its_step_had_run(monkeypatch):
-    """The runner reads the worker's BEGIN/WARM/STEP lines from a killed run: finished steps, and
-    the unfinished step's elapsed time as a lower bound (here faked: a step begun 30 s ago)."""
+    """The runner reads the worker's BEGIN/WARM/STEP lines from a stopped run (faked here): with a
+    timed step finished the row is that measurement; without, the unfinished step's elapsed time
+    is a lower bound (here a step begun 30 s before the stop)."""
     import subprocess
 
     import dpo_kernels.bench as bench
 
-    def killed(now):
+    now = 1000.0
+    progress = f"BEGIN {now - 50:.3f}\nWARM 20000.0\nBEGIN {now - 30:.3f}\n"
+
+    def stopped_with(out):
         def fake_run(*_a, timeout, **_k):
-            out = f"BEGIN {now - 50:.3f}\nWARM 20000.0\nBEGIN {now - 30:.3f}\n"
             raise subprocess.TimeoutExpired("worker", timeout, output=out)
 
         return fake_run
 
-    monkeypatch.setattr(bench.time, "time", lambda: 1000.0)
-    monkeypatch.setattr(bench.subprocess, "run", killed(1000.0))
+    monkeypatch.setattr(bench.time, "time", lambda: now)
+    monkeypatch.setattr(bench.subprocess, "run", stopped_with(progress))
     row = run_method(dict(TINY, method="naive"), timeout=60)
     assert row["error"] == "timeout after 60 s" and "median_ms" not in row
     assert row["warmup_ms"] == [20000.0] and abs(row["step_lower_bound_ms"] - 30000.0) < 1
-    assert row["unfinished_step"] == "timed" and "finished_steps_ms" not in row
+    assert row["unfinished_step"] == "timed"
     ours = dict(TINY, method="dpo_kernels", tokens=64, median_ms=3000.0, peak_mem_mb=1.0, loss=0.7)
     table = markdown({"device": "cpu", "rows": [ours, dict(row, tokens=64)]})
     assert "| naive | timeout after 60 s (a step takes > 30.0 s) | | | < 0.10 |" in table
+
+    progress += "STEP 21000.0 0.693 12.5\n"
+    monkeypatch.setattr(bench.subprocess, "run", stopped_with(progress))
+    row = run_method(dict(TINY, method="naive"), timeout=60)
+    assert "error" not in row and row["median_ms"] == 21000.0 and row["partial"] is True
+    assert row["loss"] == 0.693 and row["peak_mem_mb"] == 12.5
+    assert row["stopped"] == "timeout after 60 s"
+    table = markdown({"device": "cpu", "rows": [ours, dict(row, tokens=64)]})
+    assert "| naive | 21,000.0 ms (1 step, stopped) |" in table
 
 
 def test_estimate_is_bounded_and_grows_with_work():
@@ -343,3 +358,24 @@ def test_main_job_defaults_fit_five_minutes_on_a_cpu():
         s for s in specs if unavailable_reason(s["method"], s["softcap"], s["workload"]) is None
     ]
     assert len(runs) <= 11 and suite.TIMEOUT["cpu"] <= 60
+
+
+def test_a_dpo_step_is_not_rerun_where_its_logprobs_pass_was_stopped():
+    stopped_row = dict(
+        TINY,
+        method="torch_lce",
+        workload="logprobs_fwd_bwd",
+        tokens=64,
+        error="timeout after 30 s",
+        step_lower_bound_ms=25000.0,
+        unfinished_step="warm-up",
+    )
+    stopped = {suite._slow_key(stopped_row): stopped_row}
+    spec = dict(stopped_row, workload="dpo_step")
+    for k in ("error", "step_lower_bound_ms", "unfinished_step"):
+        spec.pop(k)
+    row = suite.known_too_slow(spec, stopped)
+    assert row["error"].startswith("not run: its logprobs_fwd_bwd step") and "median_ms" not in row
+    assert row["step_lower_bound_ms"] == 25000.0
+    assert suite.known_too_slow(dict(spec, method="naive"), stopped) is None
+    assert suite.known_too_slow(dict(spec, workload="logprobs_fwd_bwd"), stopped) is None

@@ -99,3 +99,54 @@ def test_path_choice_and_errors(monkeypatch):
     monkeypatch.setenv("DPO_KERNELS_CPU_BF16", "native")
     with pytest.raises(cpu.BackendUnavailable, match="no bf16 units"):
         cpu.bf16_path()
+
+
+# ----------------------------------------------------------------------------- the tile policy
+
+
+@pytest.mark.parametrize("split", cpu.SPLITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-widen"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_both_splits_against_the_oracle(split, dtype, variant, monkeypatch):
+    """The threads sharing out row tiles or vocabulary chunks: same oracle bounds. A 2,000-column
+    vocabulary in 512-column chunks gives the vocabulary split uneven shares (4 chunks, the last
+    short), and with more threads than chunks some threads get none."""
+    monkeypatch.setenv("DPO_KERNELS_CPU_SPLIT", split)
+    monkeypatch.setenv("DPO_KERNELS_CPU_BF16", "widen")
+    _, layout, reduction, bias, opts = variant
+    run_case("cpp", "cpu", dtype, layout, reduction, bias, opts, v=2000)
+
+
+def test_vocab_split_is_deterministic_and_matches_the_row_split(monkeypatch):
+    hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, "cpu", v=2000)
+    results = {}
+    for split in ("vocab", "vocab", "rows"):
+        monkeypatch.setenv("DPO_KERNELS_CPU_SPLIT", split)
+        out = dk.linear_logprobs(hidden, weight, labels, bias, backend="cpp", return_stats=True)
+        grads = torch.autograd.grad(out.logps.sum(), [hidden, weight, bias])
+        got = (out.logps, out.entropy_sum, *grads)
+        if split in results:  # the same split twice: bitwise the same
+            assert all(torch.equal(a, b) for a, b in zip(results[split], got))
+        results[split] = got
+    for a, b in zip(results["vocab"], results["rows"]):  # the splits: the same sums, reordered
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_shares_out_vocab_for_few_rows_and_rows_for_many(monkeypatch):
+    monkeypatch.delenv("DPO_KERNELS_CPU_SPLIT", raising=False)
+    v, d = 128256, 4096
+    few = cpu.plan(96, v, d, native=False, threads=2)
+    assert few.split == "vocab" and few.tile_rows == 96  # every thread keeps all 96 rows
+    assert cpu.plan(96, v, d, native=False, threads=1).split == "rows"
+    many = cpu.plan(16384, v, d, native=False, threads=2)
+    assert many.split == "rows" and many.tile_rows == cpu.TILE_ROWS
+    assert cpu.plan(96, v, d, native=True, threads=2).split == "rows"  # brgemm tiles its own way
+    assert cpu.plan(96, 1000, d, native=False, threads=2).split == "rows"  # too few chunks
+    for cut in (few, many):  # the fp32 tile fits half the L2
+        assert cut.tile_rows * cut.chunk_v * 4 <= max(cpu.l2_bytes() // 2, 64 * 4 * cut.tile_rows)
+    monkeypatch.setenv("DPO_KERNELS_CHUNK_MB", "1")  # dH partials over the budget: rows
+    assert cpu.plan(96, v, d, native=False, threads=2).split == "rows"
+    monkeypatch.delenv("DPO_KERNELS_CHUNK_MB")
+    monkeypatch.setenv("DPO_KERNELS_CPU_SPLIT", "sideways")
+    with pytest.raises(ValueError, match="DPO_KERNELS_CPU_SPLIT must be auto, rows or vocab"):
+        cpu.plan(96, v, d, native=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +38,36 @@ def measure_gemm(spec: dict, timeout: float = 600.0) -> dict:
     return _in_worker(dict(spec, kind="gemm"), timeout)
 
 
+def _stopped(row: dict, lines: list[str], killed: float, timeout: float) -> dict:
+    """The row of a run stopped at ``timeout`` from the worker's progress lines. With timed steps
+    finished it is a measurement of fewer steps (``partial``, ``stopped``); without, an ``error``
+    row that keeps the warm-up time and how long the unfinished step had run."""
+    steps = [ln.split()[1:] for ln in lines if ln.startswith("STEP ")]
+    warm = [float(ln.split()[1]) for ln in lines if ln.startswith("WARM ")]
+    began = [float(ln.split()[1]) for ln in lines if ln.startswith("BEGIN ")]
+    if warm:
+        row["warmup_ms"] = warm
+    if steps:
+        times = [float(st[0]) for st in steps]
+        row.update(
+            median_ms=statistics.median(times),
+            times_ms=times,
+            timed_steps=len(times),
+            partial=True,
+            loss=float(steps[-1][1]),
+            peak_mem_mb=float(steps[-1][2]),
+            stopped=f"timeout after {timeout:.0f} s",
+        )
+        return row
+    row["error"] = f"timeout after {timeout:.0f} s"
+    if began and len(began) > len(warm):  # stopped inside a step
+        # How long that step had run: a lower bound on its time (a partial measured time, not a
+        # bare timeout); "warm-up" where it was the first step (compilation included).
+        row["step_lower_bound_ms"] = 1e3 * (killed - began[-1])
+        row["unfinished_step"] = "timed" if len(warm) >= int(row.get("warmup", 1)) else "warm-up"
+    return row
+
+
 def _in_worker(row: dict, timeout: float) -> dict:
     """``row`` updated with what a fresh worker process reports for it."""
     env = dict(os.environ)
@@ -54,25 +85,8 @@ def _in_worker(row: dict, timeout: float) -> dict:
             env=env,
         )
     except subprocess.TimeoutExpired as e:
-        killed = time.time()
-        row["error"] = f"timeout after {timeout:.0f} s"
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        lines = out.splitlines()
-        done = [float(ln.split()[1]) for ln in lines if ln.startswith("STEP ")]
-        if done:
-            row["finished_steps_ms"] = done
-        warm = [float(ln.split()[1]) for ln in lines if ln.startswith("WARM ")]
-        if warm:
-            row["warmup_ms"] = warm
-        began = [float(ln.split()[1]) for ln in lines if ln.startswith("BEGIN ")]
-        if began and len(began) > len(done) + len(warm):  # killed inside a step
-            # How long that step had run: a lower bound on its time (a partial measured time,
-            # not a bare timeout); "warm-up" where it was the first step (compilation included).
-            row["step_lower_bound_ms"] = 1e3 * (killed - began[-1])
-            row["unfinished_step"] = (
-                "timed" if len(warm) >= int(row.get("warmup", 1)) else "warm-up"
-            )
-        return row
+        return _stopped(row, out.splitlines(), time.time(), timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

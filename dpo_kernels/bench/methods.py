@@ -114,11 +114,16 @@ def make_inputs(
     g = torch.Generator(device=gen).manual_seed(seed)
     n = 2 * pairs
     h = torch.randn(n, seq_len, hidden, generator=g, device=gen)
-    w = torch.randn(vocab, hidden, generator=g, device=gen) / hidden**0.5
+    w = torch.randn(vocab, hidden, generator=g, device=gen).div_(hidden**0.5)
     labels = torch.randint(0, vocab, (n, seq_len), generator=g, device=gen)
     labels[:, : prompt_len(seq_len, prompt_frac)] = IGNORE
     ref_h = h + 0.05 * torch.randn(h.shape, generator=g, device=gen)
-    ref_w = w + 0.01 * torch.randn(w.shape, generator=g, device=gen) / hidden**0.5
+    # The reference head: the policy's plus a perturbation of 4,096 rows repeated down the vocab,
+    # formed in place (a second [V x D] draw and fresh temporaries took ~6 s of every CPU run's
+    # start at a real head: fresh pages cost more than the arithmetic there).
+    block = torch.randn(min(vocab, 4096), hidden, generator=g, device=gen)
+    ref_w = block.repeat(-(-vocab // block.shape[0]), 1)[:vocab]
+    ref_w = ref_w.mul_(0.01 / hidden**0.5).add_(w)
 
     def put(t, grad=False):
         return t.to(device=device, dtype=dtype).requires_grad_(grad)

@@ -53,7 +53,9 @@ def error_text(row: dict) -> str:
             + ", ".join(f"{t / 1e3:.1f} s" for t in row["finished_steps_ms"])
         )
     if "step_lower_bound_ms" in row:
-        which = "its first (warm-up) step" if row.get("unfinished_step") == "warm-up" else "a step"
+        which = {"warm-up": "its first (warm-up) step", "inferred": "so a step"}.get(
+            row.get("unfinished_step"), "a step"
+        )
         parts.append(f"{which} takes > {row['step_lower_bound_ms'] / 1e3:.1f} s")
     return parts[0] + (f" ({'; '.join(parts[1:])})" if len(parts) > 1 else "")
 
@@ -154,7 +156,9 @@ def markdown(result: dict) -> str:
                 t_ratio = f"{ours['median_ms'] / r['median_ms']:.2f}"
                 if r["peak_mem_mb"] > 0:
                     m_ratio = f"{ours['peak_mem_mb'] / r['peak_mem_mb']:.2f}"
-            steps = f" ({r['timed_steps']} steps)" if r.get("partial") else ""
+            n = r.get("timed_steps")
+            cut = ", stopped" if r.get("stopped") else ""
+            steps = f" ({n} step{'s' if n != 1 else ''}{cut})" if r.get("partial") else ""
             out.append(
                 f"| {r['method']} | {_fmt(r['median_ms'], ' ms')}{steps} | {_fmt(rate)} | "
                 f"{_pct(None if rate is None or floor is None else rate / floor)} | {t_ratio} | "

@@ -10,10 +10,10 @@ after the inputs are built: one-time costs (imports, compilation, caches, the gr
 allocation) included. On CUDA the same is done with ``max_memory_allocated``.
 
 A spec with ``budget_s`` caps the timed steps: they stop once their sum reaches it (at least one
-step; only one where the warm-up step alone took that long), and the row says how many ran
-(``timed_steps``, ``partial``). Before each step the worker prints ``BEGIN <epoch seconds>`` and
-after it ``WARM``/``STEP <ms>``, so a runner that has to kill it still knows what finished and how
-long the unfinished step had run (a lower bound on its time).
+step), and the row says how many ran (``timed_steps``, ``partial``). Before each step the worker
+prints ``BEGIN <epoch seconds>`` and after it ``WARM <ms>`` or ``STEP <ms> <loss> <peak MB>``, so
+a runner that has to stop it still has the finished steps and how long the unfinished step had
+run (a lower bound on its time).
 
 A spec with ``"kind": "gemm"`` times the GEMM floor instead (:func:`gemm`): the logits GEMM alone,
 ``torch.mm`` of ``[rows × D]·[D × V]``, in its own process like the methods so that nothing else
@@ -106,17 +106,13 @@ def run(spec: dict) -> dict:
     budget = spec.get("budget_s")
     # First step(s): imports, compilation, first-call caches and the gradients' first allocation.
     mark = PeakMeter(cuda)
-    warm = 0.0
     for _ in range(warmup):
         print(f"BEGIN {time.time():.3f}", flush=True)
         seconds = _timed(step, cuda)[0]
-        warm += seconds
         print(f"WARM {1e3 * seconds:.1f}", flush=True)
     if cuda:
         torch.cuda.synchronize()
     first = mark.delta_mb()
-    if budget is not None and warmup and warm / warmup >= budget:
-        repeats = 1  # one timed step is all the budget allows
     # Then each timed step's own peak above what lives between steps.
     mark = PeakMeter(cuda)
     times, loss = [], None
@@ -124,7 +120,8 @@ def run(spec: dict) -> dict:
         print(f"BEGIN {time.time():.3f}", flush=True)
         seconds, loss = _timed(step, cuda)
         times.append(seconds)
-        print(f"STEP {1e3 * times[-1]:.1f}", flush=True)  # read back if the run times out
+        # Read back if the run is stopped: the step's time, loss and the peak so far.
+        print(f"STEP {1e3 * times[-1]:.1f} {float(loss):.9g} {mark.delta_mb():.3f}", flush=True)
     peak = mark.delta_mb()
     return {
         "median_ms": 1e3 * statistics.median(times),
