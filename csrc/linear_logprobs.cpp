@@ -64,8 +64,16 @@ using bf16_bits = uint16_t;
 // brgemm's packed B is [K/2][N][2] (pairs of K interleaved) in blocks of kBlockN columns; K must
 // be even and N one of 16..64, so K is padded to even and N to whole blocks, with zeros.
 constexpr int64_t kBlockN = 64;
+// The row tiles' packed blocks (the B of the logits GEMM) end in a narrower block, rounded to
+// kNarrow columns, not to 64: 96 rows are 64 + 32 columns (no padding), not 128.
+constexpr int64_t kNarrow = 16;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Width of block j of a packed B with n columns: 64, the last one narrower (a multiple of 16).
+inline int64_t block_width(int64_t n, int64_t j) {
+  return std::min(kBlockN, round_up(n - j * kBlockN, kNarrow));
+}
 
 // B = X (K x N, row stride ld, bf16) packed: out [N/64 blocks][Kp/2][64][2].
 void pack_rows(const bf16_bits* x, int64_t K, int64_t N, int64_t ld, bf16_bits* out) {
@@ -93,16 +101,17 @@ void pack_rows(const bf16_bits* x, int64_t K, int64_t N, int64_t ld, bf16_bits* 
   }
 }
 
-// B = X^T where X is (N x K, row stride ld, bf16): the head chunk as the logits GEMM's B. Each
-// VNNI pair of K is two adjacent elements of a row of X, so for even K this is a transpose of
-// 32-bit words, done in 16-word strips so that the output being written stays in L1.
+// B = X^T where X is (N x K, row stride ld, bf16): the row tile as the logits GEMM's B, in
+// blocks of 64 columns and a last narrower one (block_width; block j at j * Kp * 64). Each VNNI
+// pair of K is two adjacent elements of a row of X, so for even K this is a transpose of 32-bit
+// words, done in 16-word strips so that the output being written stays in L1.
 void pack_transposed(const bf16_bits* x, int64_t N, int64_t K, int64_t ld, bf16_bits* out) {
   const int64_t kp = round_up(K, 2), k2n = kp / 2, nb = round_up(N, kBlockN) / kBlockN;
-  std::memset(out, 0, sizeof(bf16_bits) * nb * kp * kBlockN);
+  std::memset(out, 0, sizeof(bf16_bits) * kp * round_up(N, kNarrow));
   const bool even = K % 2 == 0 && ld % 2 == 0;
   for (int64_t j = 0; j < nb; ++j) {
     bf16_bits* o = out + j * kp * kBlockN;
-    const int64_t n = std::min(kBlockN, N - j * kBlockN);
+    const int64_t n = std::min(kBlockN, N - j * kBlockN), wj = block_width(N, j);
     const bf16_bits* xj = x + j * kBlockN * ld;
     if (even) {
       uint32_t* o32 = reinterpret_cast<uint32_t*>(o);
@@ -111,11 +120,11 @@ void pack_transposed(const bf16_bits* x, int64_t N, int64_t K, int64_t ld, bf16_
         const int64_t len = s1 - s0;
         for (int64_t r = 0; r < n; ++r) {
           const uint32_t* src = reinterpret_cast<const uint32_t*>(xj + r * ld) + s0;
-          uint32_t* dst = o32 + s0 * kBlockN + r;
+          uint32_t* dst = o32 + s0 * wj + r;
           if (len == 16) {
-            for (int64_t q = 0; q < 16; ++q) dst[q * kBlockN] = src[q];
+            for (int64_t q = 0; q < 16; ++q) dst[q * wj] = src[q];
           } else {
-            for (int64_t q = 0; q < len; ++q) dst[q * kBlockN] = src[q];
+            for (int64_t q = 0; q < len; ++q) dst[q * wj] = src[q];
           }
         }
       }
@@ -123,17 +132,18 @@ void pack_transposed(const bf16_bits* x, int64_t N, int64_t K, int64_t ld, bf16_
     }
     for (int64_t r = 0; r < n; ++r) {
       const bf16_bits* xr = xj + r * ld;
-      for (int64_t k = 0; k < K; ++k) o[((k / 2) * kBlockN + r) * 2 + k % 2] = xr[k];
+      for (int64_t k = 0; k < K; ++k) o[((k / 2) * wj + r) * 2 + k % 2] = xr[k];
     }
   }
 }
 
-// C (M x nb*64, row stride ldc) (+)= A (M x Kp bf16, row stride lda) . packed B (nb blocks).
+// C (M x N, row stride ldc) (+)= A (M x Kp bf16, row stride lda) . packed B of N columns (blocks
+// of 64 and a last narrower one, as pack_transposed and pack_rows lay them out).
 inline void brgemm_blocks(int64_t M, int64_t kp, const bf16_bits* a, int64_t lda,
-                          const bf16_bits* b, int64_t nb, float* c, int64_t ldc, bool add) {
-  for (int64_t j = 0; j < nb; ++j) {
-    cpublas::brgemm(M, kBlockN, kp, lda, kBlockN, ldc, add,
-                    reinterpret_cast<const at::BFloat16*>(a),
+                          const bf16_bits* b, int64_t N, float* c, int64_t ldc, bool add) {
+  for (int64_t j = 0; j * kBlockN < N; ++j) {
+    const int64_t wj = block_width(N, j);
+    cpublas::brgemm(M, wj, kp, lda, wj, ldc, add, reinterpret_cast<const at::BFloat16*>(a),
                     reinterpret_cast<const at::BFloat16*>(b + j * kp * kBlockN),
                     c + j * kBlockN, /*is_vnni=*/true);
   }
@@ -182,9 +192,9 @@ inline void transform_row(float* z, int64_t n, const Options& o) {
 // between the GEMM that writes it and the pass that reads it; each thread has one.
 //
 // On the native path h is the compacted rows in bf16, ht each row tile packed as the B of the
-// transposed logits GEMM ([D x rows], rows in blocks of 64), zt a per-thread [vc_max x rq] fp32
-// tile for Z^T (rq = tile rows rounded up to whole blocks), and dq = D rounded up to whole blocks
-// (the width of the dH and dW accumulators).
+// transposed logits GEMM ([D x rows], rows in blocks of 64 and a narrower last one), zt a
+// per-thread [vc_max x rq] fp32 tile for Z^T (rq = tile rows rounded up to a multiple of 16), and
+// dq = D rounded up to whole blocks (the width of the dH and dW accumulators).
 struct Problem {
   at::Tensor hidden, weight, h, labels, tiles;
   c10::optional<at::Tensor> bias;
@@ -239,7 +249,7 @@ Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
   p.native = native;
   p.split = split;
   const int64_t tr = std::min(tile_rows, p.nv);
-  p.rq = native ? round_up(tr, kBlockN) : tr;
+  p.rq = native ? round_up(tr, kNarrow) : tr;
   p.dq = native ? round_up(p.dim, kBlockN) : p.dim;
   at::Tensor h = p.hidden.index_select(0, rows);  // checks rows' range
   const auto f32 = p.hidden.options().dtype(at::kFloat);
@@ -309,7 +319,7 @@ at::Tensor tile_logits(const Problem& p, const Chunk& c, int64_t t, int64_t b, i
   at::Tensor z = p.tiles[t].narrow(0, 0, r).narrow(1, 0, c.vc);
   if (p.native) {
     at::Tensor zt = p.zt[t];
-    brgemm_blocks(c.vc, p.dim, bits(c.w), p.dim, bits(p.ht[b]), round_up(r, kBlockN) / kBlockN,
+    brgemm_blocks(c.vc, p.dim, bits(c.w), p.dim, bits(p.ht[b]), round_up(r, kNarrow),
                   zt.data_ptr<float>(), p.rq, false);
     z.copy_(zt.narrow(0, 0, c.vc).narrow(1, 0, r).t());
   } else {
@@ -670,7 +680,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
           gb.narrow(0, 0, r).narrow(1, 0, vc).copy_(z);
           if (kv > vc) gb.narrow(0, 0, r).narrow(1, vc, kv - vc).zero_();
           if (need_h) {
-            brgemm_blocks(r, kv, bits(gb), kv_max, bits(c.wk), nbd,
+            brgemm_blocks(r, kv, bits(gb), kv_max, bits(c.wk), dq,
                           dh_acc.data_ptr<float>() + r0 * dq, dq, true);
           }
           if (need_w) {  // this tile's columns of G^T (its padding column stays zero)
@@ -697,7 +707,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
         at::Tensor ws = wslice[at::get_thread_num()];
         for (int64_t sl = s0; sl < s1; ++sl) {
           const int64_t v0 = sl * kSlice, m = std::min(kSlice, vc - v0);
-          brgemm_blocks(m, nq, bits(gtall) + v0 * nq, nq, bits(hk), nbd, ws.data_ptr<float>(),
+          brgemm_blocks(m, nq, bits(gtall) + v0 * nq, nq, bits(hk), dq, ws.data_ptr<float>(),
                         dq, false);
           dw.narrow(0, c0 + v0, m).copy_(ws.narrow(0, 0, m).narrow(1, 0, dim));
         }
