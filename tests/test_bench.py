@@ -199,6 +199,10 @@ def test_readme_benchmark_tables_are_the_committed_results():
         tables = markdown(json.loads((folder / "results.json").read_text()))
         for block in tables.split("\n\n"):
             assert block.strip() in readme, (name, block[:200])
+    from dpo_kernels.bench.report import goals  # the goal run: its goal lines, whole
+
+    goal_run = json.loads((RESULTS / "cpu-goal-epyc" / "results.json").read_text())
+    assert goals(goal_run) in readme and goal_run["cpu"]["isa"]
 
 
 def test_w1_w2_presets_are_the_cpu_step_shapes():
@@ -379,3 +383,31 @@ def test_a_dpo_step_is_not_rerun_where_its_logprobs_pass_was_stopped():
     assert row["step_lower_bound_ms"] == 25000.0
     assert suite.known_too_slow(dict(spec, method="naive"), stopped) is None
     assert suite.known_too_slow(dict(spec, workload="logprobs_fwd_bwd"), stopped) is None
+
+
+def test_goal_lines_compare_ours_with_the_fastest_and_leanest_peer_that_finished():
+    from dpo_kernels.bench.report import goals
+
+    base = dict(TINY, tokens=64, loss=0.7)
+    rows = [
+        dict(base, method="dpo_kernels", median_ms=90.0, peak_mem_mb=2.0),
+        dict(base, method="naive", median_ms=100.0, peak_mem_mb=8.0),
+        dict(base, method="cce", median_ms=120.0, peak_mem_mb=4.0),
+        dict(base, method="torch_lce", error="timeout after 40 s"),  # did not finish: no peer
+    ]
+    table = goals({"rows": rows})
+    line = table.splitlines()[-1]
+    assert "| naive 100.0 ms | 0.90 | ≤ 0.9 met |" in line and "| cce 4.0 MB | 0.50 |" in line
+    rows[0]["median_ms"] = 95.0
+    assert "≤ 0.9 missed" in goals({"rows": rows})
+
+
+def test_cpu_results_name_the_cpu_kind():
+    record = suite.cpu_record()
+    assert record["model"] and record["threads"] >= 1
+    assert record["isa"] is None or set(record["isa"]) <= set(suite.ISA_FLAGS)
+    assert (
+        record["cpp_bf16_path"] in ("native", "widen") or "unavailable" in record["cpp_bf16_path"]
+    )
+    table = markdown({"device": "cpu: X", "cpu": dict(record, isa=["avx2", "fma"]), "rows": []})
+    assert table.startswith("Device: cpu: X (ISA: avx2, fma);")

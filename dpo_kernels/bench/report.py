@@ -124,8 +124,10 @@ def markdown(result: dict) -> str:
         groups[key].append(row)
     versions = result.get("versions") or {"torch": result.get("torch")}
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "python")
+    isa = (result.get("cpu") or {}).get("isa")
+    isa = f" (ISA: {', '.join(isa)})" if isa else ""
     out = [
-        f"Device: {result['device']}; {shown}; command: `{result.get('command')}`; "
+        f"Device: {result['device']}{isa}; {shown}; command: `{result.get('command')}`; "
         f"{result.get('date')}.",
         "",
     ]
@@ -170,10 +172,52 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+#: The CPU goal of issue 15: our time over the fastest peer's that finished, per workload and dtype.
+GOAL = {
+    ("dpo_step", "float32"): 0.9,
+    ("dpo_step", "bfloat16"): 0.9,
+    ("logprobs_fwd_bwd", "bfloat16"): 0.9,
+    ("logprobs_fwd_bwd", "float32"): 1.1,
+}
+
+
+def goals(result: dict) -> str:
+    """One line per (shape, workload, dtype): our time over the fastest peer's that finished and
+    our step memory over the leanest's, against :data:`GOAL` (time) and 1 (memory)."""
+    groups = defaultdict(list)
+    for row in result["rows"]:
+        key = (row.get("preset") or "custom", row["tokens"], row["workload"], row["dtype"])
+        groups[key].append(row)
+    out = [
+        "| shape | workload | dtype | ours | fastest peer | ours / it | goal | ours, memory | "
+        "leanest peer | ours / it |",
+        "|---|---|---|---:|---|---:|---:|---:|---|---:|",
+    ]
+    for (shape, tokens, workload, dtype), rows in groups.items():
+        ours = next((r for r in rows if r["method"] == "dpo_kernels" and "median_ms" in r), None)
+        peers = [r for r in rows if r["method"] != "dpo_kernels" and "median_ms" in r]
+        if ours is None or not peers:
+            continue
+        fast = min(peers, key=lambda r: r["median_ms"])
+        lean = min(peers, key=lambda r: r["peak_mem_mb"])
+        t, m = ours["median_ms"] / fast["median_ms"], ours["peak_mem_mb"] / lean["peak_mem_mb"]
+        goal = GOAL.get((workload, dtype))
+        mark = "—" if goal is None else f"≤ {goal:g} " + ("met" if t <= goal else "missed")
+        out.append(
+            f"| {shape} ({tokens} tok) | {workload} | {dtype} | {_fmt(ours['median_ms'], ' ms')} | "
+            f"{fast['method']} {_fmt(fast['median_ms'], ' ms')} | {t:.2f} | {mark} | "
+            f"{_fmt(ours['peak_mem_mb'], ' MB')} | {lean['method']} "
+            f"{_fmt(lean['peak_mem_mb'], ' MB')} | {m:.2f} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
+    """``python -m dpo_kernels.bench.report FILE [--goals]``: the tables, or the goal lines."""
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
-        print(markdown(json.load(f)))
+        result = json.load(f)
+    print(goals(result) if "--goals" in argv[1:] else markdown(result))
     return 0
 
 

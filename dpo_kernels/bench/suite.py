@@ -79,10 +79,10 @@ CHECK_RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 #: Per-run limits on a device when not given: seconds of timed steps (``--budget``: the steps stop
 #: once they have used it, at least one) and seconds before a run is stopped (``--timeout``; the
 #: row then says how long its unfinished step had run). The CPU's keep the main job within five
-#: minutes on two cores: a peer that needs minutes per step at a real head is cut at 40 s, and
+#: minutes on two cores: a peer that needs minutes per step at a real head is cut at 30 s, and
 #: not run again for a workload that does more work at the same shape (:func:`known_too_slow`).
 BUDGET = {"cuda": None, "cpu": 4.0}
-TIMEOUT = {"cuda": 300.0, "cpu": 40.0}
+TIMEOUT = {"cuda": 300.0, "cpu": 30.0}
 #: Seconds a run's process takes beyond its steps (start, imports, inputs), for the estimate.
 STARTUP_S = {"cuda": 15.0, "cpu": 5.0}
 PEERS = ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers")
@@ -100,6 +100,29 @@ def cpu_info() -> tuple[str, Optional[set]]:
         pass
     name = info.get("model name") or platform.processor() or "unknown CPU"
     return name, (set(info["flags"].split()) if "flags" in info else None)
+
+
+#: The ISA flags the results record (and `dpo-kernels info` shows): which GEMM units a CPU has.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_record() -> dict:
+    """What a CPU results file says of the machine: model, threads, the ISA flags of
+    :data:`ISA_FLAGS` it has, and the C++ backend's bf16 path and L2 size."""
+    name, flags = cpu_info()
+    out = dict(
+        model=name,
+        threads=torch.get_num_threads(),
+        isa=None if flags is None else [f for f in ISA_FLAGS if f in flags],
+    )
+    try:
+        from .. import cpu
+
+        out["cpp_bf16_path"] = cpu.bf16_path()[0]
+        out["l2_bytes"] = cpu.l2_bytes()
+    except Exception as e:  # no compiler: the record still names the CPU
+        out["cpp_bf16_path"] = f"unavailable: {str(e)[:200]}"
+    return out
 
 
 def device_name(device: str) -> str:
@@ -348,6 +371,7 @@ def run(args, argv) -> dict:
         "dpo_kernels": v["dpo_kernels"],
         "versions": v,
         "command": " ".join(["dpo-kernels", *argv]),
+        "cpu": cpu_record(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "memory": (
             "peak allocated (CUDA) or resident (CPU) memory of a timed step above what "
@@ -532,7 +556,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help="timed steps per run (default 3; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     p.add_argument(
-        "--timeout", type=float, help="seconds before a run is stopped (default 300 GPU, 40 CPU)"
+        "--timeout", type=float, help="seconds before a run is stopped (default 300 GPU, 30 CPU)"
     )
     p.add_argument(
         "--budget",
