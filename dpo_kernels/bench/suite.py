@@ -60,6 +60,10 @@ PRESETS = {
 #: GPU runs real batch sizes; a 2-core CPU a few hundred tokens at the real D and V.
 TOKENS = {"cuda": (2048, 4096, 8192, 16384), "cpu": (128,)}
 SEQ_LEN = {"cuda": 1024, "cpu": 128}
+#: Workloads of a real-head preset unless --workload says: on a CPU the DPO step alone, so that
+#: the main job stays within five minutes on two cores (``--workload logprobs_fwd_bwd`` adds the
+#: log-probs pass; each run of it at a real head costs about as much again).
+PRESET_WORKLOADS = {"cuda": WORKLOADS, "cpu": ("dpo_step",)}
 #: --quick: one small sweep that finishes in about two minutes on a 2-core CPU.
 QUICK = {
     "cuda": dict(preset="llama3-8b", tokens=(2048, 8192), workloads=WORKLOADS),
@@ -79,8 +83,9 @@ CHECK_RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 #: Per-run limits on a device when not given: seconds of timed steps (``--budget``: the steps stop
 #: once they have used it, at least one) and seconds before a run is stopped (``--timeout``; the
 #: row then says how long its unfinished step had run). The CPU's keep the main job within five
-#: minutes on two cores: a peer that needs minutes per step at a real head is cut at 30 s, and
-#: not run again for a workload that does more work at the same shape (:func:`known_too_slow`).
+#: minutes on two cores: a peer that needs minutes per step at a real head is cut at 30 s (or
+#: twice the run's estimate at the measured GEMM rate, if longer), and not run again for a
+#: workload that does more work at the same shape (:func:`known_too_slow`).
 BUDGET = {"cuda": None, "cpu": 4.0}
 TIMEOUT = {"cuda": 300.0, "cpu": 30.0}
 #: Seconds a run's process takes beyond its steps (start, imports, inputs), for the estimate.
@@ -209,7 +214,15 @@ def plan(args, device: str) -> list[dict]:
                 ]
             else:
                 shapes += [
-                    (name, head["hidden"], head["vocab"], head["softcap"], t, seq_len, WORKLOADS)
+                    (
+                        name,
+                        head["hidden"],
+                        head["vocab"],
+                        head["softcap"],
+                        t,
+                        seq_len,
+                        PRESET_WORKLOADS[kind],
+                    )
                     for t in args.tokens or TOKENS[kind]
                 ]
     specs = []
@@ -326,7 +339,7 @@ def _slow_key(row: dict) -> tuple:
 
 def known_too_slow(spec: dict, stopped: dict) -> Optional[dict]:
     """A ``dpo_step`` row not run because the same method's ``logprobs_fwd_bwd`` at the same
-    shape was stopped before a timed step finished: a DPO step does that pass and more, so it
+    shape was stopped inside its first (warm-up) step: a DPO step does that pass and more, so it
     would be stopped too; the row keeps that run's lower bound. None: run it."""
     prev = stopped.get(_slow_key(spec))
     if spec["workload"] != "dpo_step" or prev is None or prev["workload"] != "logprobs_fwd_bwd":
@@ -334,8 +347,8 @@ def known_too_slow(spec: dict, stopped: dict) -> Optional[dict]:
     return dict(
         spec,
         error=(
-            "not run: its logprobs_fwd_bwd step at this shape was stopped unfinished, and a "
-            "dpo_step does that pass and more"
+            "not run: its first logprobs_fwd_bwd step at this shape did not finish in time, "
+            "and a dpo_step does that pass and more"
         ),
         step_lower_bound_ms=prev["step_lower_bound_ms"],
         unfinished_step="inferred",
@@ -433,8 +446,13 @@ def run(args, argv) -> dict:
             bar.set_description(
                 f"[{k}/{len(specs)}] {spec['method']} {spec['workload']} {spec['tokens']} tok"
             )
-        row = known_too_slow(spec, stopped) or run_method(spec, timeout=timeout)
-        if row.get("step_lower_bound_ms"):
+        # Unless given, a run may take its estimate at the measured GEMM rate twice over (a slow
+        # machine or a busy moment moves every method alike), never less than the default.
+        limit = args.timeout or max(
+            timeout, 2 * estimate_s(spec, _rate_guess(floors, spec, default_rate), float("inf"))
+        )
+        row = known_too_slow(spec, stopped) or run_method(spec, timeout=limit)
+        if row.get("unfinished_step") == "warm-up":
             stopped[_slow_key(row)] = row
         if row["method"] == "dpo_kernels":
             ours = row
@@ -549,7 +567,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="one or more (default bf16 on GPU, fp32 on CPU)",
     )
     p.add_argument(
-        "--workload", action="append", choices=list(WORKLOADS), help="repeatable; default both"
+        "--workload",
+        action="append",
+        choices=list(WORKLOADS),
+        help="repeatable; default both (a real-head preset on a CPU: dpo_step)",
     )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--quick", action="store_true", help="a small sweep (~2 min on a 2-core CPU)")
