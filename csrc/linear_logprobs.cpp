@@ -615,6 +615,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
     // count, so results repeat bitwise from run to run).
     const int64_t n_chunks = (vocab + p.vc_max - 1) / p.vc_max;
     at::Tensor dh_part = need_h ? at::zeros({n_threads, nv, dim}, f32) : at::Tensor();
+    const bool dw_direct = need_w && p.weight.scalar_type() == at::kFloat;  // no fp32 copy
     std::fill(used.begin(), used.end(), 0);
     at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
       const WorkerState worker(inference);
@@ -622,7 +623,6 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
       used[t] = 1;
       for (int64_t k = k0; k < k1; ++k) {
         const Chunk c = chunk_at(p, k * p.vc_max, /*for_backward=*/true, t);
-        const bool dw_direct = need_w && p.weight.scalar_type() == at::kFloat;
         at::Tensor dw_t = !need_w ? at::Tensor()
                           : dw_direct ? dw.narrow(0, c.c0, c.vc)
                                       : dw_part[t].narrow(0, 0, c.vc);

@@ -23,18 +23,17 @@ from .bench.methods import naive_token_logprobs
 from .logprobs import linear_logprobs
 
 #: /proc/cpuinfo flags that decide the CPU backend's speed: fp32 FMA width and bf16 units.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def _cpu() -> str:
-    """The CPU model, thread count and which of CPU_FLAGS it has."""
-    from .bench.suite import cpu_info
+    """The CPU model, thread count and which of the ISA flags the results record it has."""
+    from .bench.suite import ISA_FLAGS, cpu_info
 
     name, flags = cpu_info()
     isa = (
         "ISA flags unknown"
         if flags is None
-        else ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+        else ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ISA_FLAGS)
     )
     return f"{name} ({torch.get_num_threads()} threads); {isa}"
 

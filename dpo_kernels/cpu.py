@@ -21,6 +21,7 @@ machine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -199,8 +200,10 @@ def _native(dtype: torch.dtype, dim: int) -> bool:
 SPLITS = ("rows", "vocab")
 
 
+@functools.cache
 def l2_bytes() -> int:
-    """This CPU's per-core L2 size from sysfs (Linux), else 1 MiB."""
+    """This CPU's per-core L2 size from sysfs (Linux), else 1 MiB; read once (every call's
+    tile policy asks)."""
     base = Path("/sys/devices/system/cpu/cpu0/cache")
     try:
         for index in sorted(base.glob("index*")):

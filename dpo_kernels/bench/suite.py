@@ -407,11 +407,14 @@ def run(args, argv) -> dict:
     ]
 
     def planned(floors: dict) -> list[float]:
+        """Each GEMM floor's and run's estimated seconds (uncapped), at the rates known so far."""
         return [
-            estimate_s(g, _rate_guess(floors, g, default_rate), timeout) for g in gemm_specs
-        ] + [estimate_s(sp, _rate_guess(floors, sp, default_rate), timeout) for sp in specs]
+            estimate_s(x, _rate_guess(floors, x, default_rate), float("inf"))
+            for x in (*gemm_specs, *specs)
+        ]
 
-    est = planned({})
+    raw = planned({})
+    est = [min(r, timeout) for r in raw]  # what the bar counts: no run outlasts the timeout
     bar = _progress(sum(est))
     say = bar.write if bar is not None else print
     budget = specs[0].get("budget_s") if specs else None
@@ -425,9 +428,7 @@ def run(args, argv) -> dict:
     for i, (hidden, vocab, rows, dtype) in enumerate(gemms):
         if bar is not None:
             bar.set_description(f"[{i + 1}/{len(gemms)}] GEMM floor D={hidden} V={vocab} {dtype}")
-        got = measure_gemm(
-            dict(rows=rows, hidden=hidden, vocab=vocab, dtype=dtype, device=device), timeout=timeout
-        )
+        got = measure_gemm(gemm_specs[i], timeout=timeout)
         entry = dict(hidden=hidden, vocab=vocab, rows=rows, dtype=dtype)
         entry.update({k: got[k] for k in ("gflops", "median_ms", "times_ms", "error") if k in got})
         floors[floor_key(entry)] = entry
@@ -435,12 +436,13 @@ def run(args, argv) -> dict:
         say(_floor_text(entry))
         if bar is not None:
             bar.update(est[i])
-    if bar is not None and specs:  # re-estimate the method runs at the measured rates
-        est = est[: len(gemms)] + planned(floors)[len(gemms) :]
+    raw = planned(floors)  # re-estimate the method runs at the measured rates
+    est = est[: len(gemms)] + [min(r, timeout) for r in raw[len(gemms) :]]
+    if bar is not None and specs:
         bar.total = round(bar.n + sum(est[len(gemms) :]), 1)
         bar.refresh()
     ours = None
-    stopped: dict[tuple, dict] = {}  # runs stopped before a timed step finished
+    stopped: dict[tuple, dict] = {}  # runs stopped inside their first (warm-up) step
     for k, spec in enumerate(specs, 1):
         if bar is not None:
             bar.set_description(
@@ -448,9 +450,7 @@ def run(args, argv) -> dict:
             )
         # Unless given, a run may take its estimate at the measured GEMM rate twice over (a slow
         # machine or a busy moment moves every method alike), never less than the default.
-        limit = args.timeout or max(
-            timeout, 2 * estimate_s(spec, _rate_guess(floors, spec, default_rate), float("inf"))
-        )
+        limit = args.timeout or max(timeout, 2 * raw[len(gemms) + k - 1])
         row = known_too_slow(spec, stopped) or run_method(spec, timeout=limit)
         if row.get("unfinished_step") == "warm-up":
             stopped[_slow_key(row)] = row
