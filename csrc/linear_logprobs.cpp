@@ -25,6 +25,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <cpuid.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -54,6 +55,23 @@ inline float exp_f32(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// A new tensor of `bytes` or more backed by 2 MiB pages where the kernel allows it (transparent
+// huge pages in "madvise" mode, the common default): the head's gradient (V x D, 2 GB for a
+// Llama-3 head in fp32) and the kept logits are fresh memory at every call, and touching them
+// first costs a page fault per 4 KiB (0.67 s for 2.1 GB on a 2-core VM, 0.20 s with huge pages).
+// The advice covers the whole 2 MiB pages inside the buffer; untouched pages cost nothing.
+at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.numel() * t.element_size();
+  const uintptr_t a = (begin + kHuge - 1) & ~(kHuge - 1), b = end & ~(kHuge - 1);
+  if (b > a) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);  // advice: may fail
+#endif
+  return t;
 }
 
 // ---- bf16 units: VNNI packing and blocked brgemm calls
@@ -212,6 +230,10 @@ struct Problem {
   // the widening path (one per thread with the vocabulary split), the packed B of dH on the
   // native path. Untouched pages cost nothing.
   at::Tensor wbuf;
+  // The loss-level path's kept logits: [Nv x V] fp32, written by the forward's GEMMs in place of
+  // the per-thread tiles (the fold transforms them there, so they hold z), read by the backward
+  // instead of a recompute. Undefined on the recompute path.
+  at::Tensor kept;
 };
 
 Problem prepare(const at::Tensor& hidden, const at::Tensor& weight,
@@ -313,10 +335,17 @@ Chunk chunk_at(const Problem& p, int64_t c0, bool for_backward, int64_t t = 0) {
   return c;
 }
 
-// Thread t's tile of raw logits for block b (rows r0..r0+r): H[rows] W[chunk]^T + b[chunk].
+// Block b's rows r0..r0+r of the chunk in the kept logits (row stride V).
+at::Tensor kept_tile(const Problem& p, const Chunk& c, int64_t r0, int64_t r) {
+  return p.kept.narrow(0, r0, r).narrow(1, c.c0, c.vc);
+}
+
+// Thread t's tile of raw logits for block b (rows r0..r0+r): H[rows] W[chunk]^T + b[chunk]; in
+// the kept logits where the call keeps them, else in the thread's L2-sized tile.
 at::Tensor tile_logits(const Problem& p, const Chunk& c, int64_t t, int64_t b, int64_t r0,
                        int64_t r) {
-  at::Tensor z = p.tiles[t].narrow(0, 0, r).narrow(1, 0, c.vc);
+  at::Tensor z = p.kept.defined() ? kept_tile(p, c, r0, r)
+                                  : p.tiles[t].narrow(0, 0, r).narrow(1, 0, c.vc);
   if (p.native) {
     at::Tensor zt = p.zt[t];
     brgemm_blocks(c.vc, p.dim, bits(c.w), p.dim, bits(p.ht[b]), round_up(r, kNarrow),
@@ -435,11 +464,12 @@ void merge_rows(RowState& st, const RowState& o) {
   }
 }
 
-// One row of logits z -> its logit gradient g * (onehot - softmax) * dz/dx, in place.
+// One row of raw logits (or, if transformed, of logits z) -> its logit gradient
+// g * (onehot - softmax) * dz/dx, in place.
 inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, float g,
-                     const Options& o) {
+                     const Options& o, bool transformed) {
   const float pre = static_cast<float>(o.pre_scale), post = static_cast<float>(o.post_scale);
-  transform_row(z, vc, o);
+  if (!transformed) transform_row(z, vc, o);
   const bool has_target = y >= c0 && y < c0 + vc;
   if (!o.softcap) {
     const float k = -g * pre;
@@ -467,17 +497,19 @@ inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, flo
 // Per-token results on the compacted rows, in the order of the fields of dpo_kernels'
 // backend.TokenResult: logps, lse, and with stats logits_sum (the vocab-mean logit),
 // entropy_sum, top1_correct (0/1), log_sum_sq_probs_sum; all fp32 (Nv,). A label outside
-// [0, V) gives logps = NaN.
+// [0, V) gives logps = NaN. With keep, one more: the logits z of every row, [Nv x V] fp32, for
+// the backward to read instead of recomputing them (the loss-level path).
 std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
                                 const at::Tensor& rows, double pre_scale, double post_scale,
                                 bool softcap, bool with_stats, int64_t chunk_v,
-                                int64_t tile_rows, bool native, bool split_vocab) {
+                                int64_t tile_rows, bool native, bool split_vocab, bool keep) {
   const bool inference = c10::InferenceMode::is_enabled();
   at::NoGradGuard no_grad;
-  const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
-                            chunk_v, tile_rows, native, split_vocab);
+  Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
+                      chunk_v, tile_rows, native, split_vocab);
   const int64_t nv = p.nv, vocab = p.vocab;
+  if (keep) p.kept = empty_huge({nv, vocab}, p.hidden.options().dtype(at::kFloat));
   const int64_t* lab = p.labels.data_ptr<int64_t>();
   RowState st(nv);
 
@@ -546,6 +578,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
       ptr[5][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // lss
     }
   }
+  if (keep) out.push_back(p.kept);
   return out;
 }
 
@@ -557,12 +590,19 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& grad_c, double pre_scale, double post_scale,
                                  bool softcap, bool need_h, bool need_w, bool need_b,
                                  int64_t chunk_v, int64_t tile_rows, bool native,
-                                 bool split_vocab) {
+                                 bool split_vocab, const c10::optional<at::Tensor>& kept) {
   const bool inference = c10::InferenceMode::is_enabled();
   at::NoGradGuard no_grad;
-  const Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
-                            chunk_v, tile_rows, native, split_vocab);
+  Problem p = prepare(hidden, weight, bias, labels_c, rows, pre_scale, post_scale, softcap,
+                      chunk_v, tile_rows, native, split_vocab);
   const int64_t nv = p.nv, vocab = p.vocab, dim = p.weight.size(1), n_threads = p.n_threads;
+  if (kept.has_value()) {
+    TORCH_CHECK(kept->dim() == 2 && kept->size(0) == nv && kept->size(1) == vocab &&
+                    kept->scalar_type() == at::kFloat && kept->is_contiguous(),
+                "kept must be the forward's contiguous [Nv x V] fp32 logits");
+    p.kept = kept->detach();  // overwritten with the logit gradient, tile by tile
+  }
+  const bool have = p.kept.defined();  // logits kept by the forward: no recompute
   TORCH_CHECK(lse_c.dim() == 1 && lse_c.size(0) == nv && grad_c.dim() == 1 && grad_c.size(0) == nv,
               "lse_c and grad_c must be 1-D with one value per row");
   TORCH_CHECK(!need_b || p.bias.has_value(), "need_b without a bias");
@@ -571,7 +611,8 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
   const auto f32 = p.hidden.options().dtype(at::kFloat);
   const int64_t dq = p.dq;  // dim, or on the native path dim rounded up to whole 64-column blocks
   at::Tensor dh_acc = need_h ? at::zeros({nv, dq}, f32) : at::Tensor();
-  at::Tensor dw = need_w ? at::empty_like(p.weight) : at::empty({0}, p.weight.options());
+  at::Tensor dw = need_w ? empty_huge(p.weight.sizes(), p.weight.options())
+                         : at::empty({0}, p.weight.options());
   at::Tensor db = need_b ? at::empty({vocab}, p.bias->options())
                          : at::empty({0}, p.weight.options());
   // Per thread: partial dW / db of the chunk over the thread's row blocks, summed in thread order
@@ -629,11 +670,11 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
         at::Tensor db_t = need_b ? db_part[t].narrow(0, 0, c.vc) : at::Tensor();
         for (int64_t b = 0; b < p.n_blocks; ++b) {
           const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
-          at::Tensor z = tile_logits(p, c, t, b, r0, r);
+          at::Tensor z = have ? kept_tile(p, c, r0, r) : tile_logits(p, c, t, b, r0, r);
           float* zp = z.data_ptr<float>();
           for (int64_t i = 0; i < r; ++i) {
             const int64_t y = std::min(std::max<int64_t>(lab[r0 + i], 0), vocab - 1);
-            grad_row(zp + i * z.stride(0), c.vc, c.c0, y, lsp[r0 + i], gp[r0 + i], p.o);
+            grad_row(zp + i * z.stride(0), c.vc, c.c0, y, lsp[r0 + i], gp[r0 + i], p.o, have);
           }
           if (need_h) dh_part[t].narrow(0, r0, r).addmm_(z, c.w);
           if (need_w) {
@@ -666,12 +707,12 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
       at::Tensor db_t = need_b ? db_part[t].narrow(0, 0, vc) : at::Tensor();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * p.tile_rows, r = std::min(p.tile_rows, nv - r0);
-        at::Tensor z = tile_logits(p, c, t, b, r0, r);
+        at::Tensor z = have ? kept_tile(p, c, r0, r) : tile_logits(p, c, t, b, r0, r);
         float* zp = z.data_ptr<float>();
         for (int64_t k = 0; k < r; ++k) {
           const int64_t i = r0 + k;
           const int64_t y = std::min(std::max<int64_t>(lab[i], 0), vocab - 1);
-          grad_row(zp + k * z.stride(0), vc, c0, y, lsp[i], gp[i], p.o);
+          grad_row(zp + k * z.stride(0), vc, c0, y, lsp[i], gp[i], p.o, have);
         }
         if (p.native) {
           // G rounded to bf16 (zero padding stays zero), then dH[tile] += G W[chunk] on the

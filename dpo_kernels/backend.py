@@ -230,6 +230,9 @@ class Backend(abc.ABC):
     sync_free: bool = False
     #: Implements :meth:`forward_jacobian` (the frozen-head 4·N·D·V path).
     jacobian: bool = False
+    #: Implements :meth:`forward_kept` and :meth:`backward_kept` (the loss-level path of
+    #: :mod:`dpo_kernels.loss_path`: logits kept from the forward, no recompute).
+    keeps_logits: bool = False
 
     @abc.abstractmethod
     def unavailable_reason(
@@ -254,6 +257,19 @@ class Backend(abc.ABC):
         gradient of each valid token's log-prob w.r.t. its hidden row, so the backward is
         ``dH = grad · J``."""
         raise NotImplementedError(f"backend {self.name!r} has no frozen-head Jacobian path")
+
+    def forward_kept(self, x: Rows, opts: LogitOptions, with_stats: bool):
+        """:meth:`forward`'s results and ``z (Nv, V)``, the valid rows' logits (after the logit
+        transform) in the compute dtype, contiguous, for :meth:`backward_kept`. The caller sizes
+        the call so ``z`` fits its memory budget."""
+        raise NotImplementedError(f"backend {self.name!r} does not keep logits")
+
+    def backward_kept(
+        self, x: Rows, kept: Tensor, lse: Tensor, grad: Tensor, opts: LogitOptions, needs: Needs
+    ) -> Grads:
+        """:meth:`backward` from :meth:`forward_kept`'s logits instead of a recompute (4·N·D·V
+        instead of 6). ``kept`` is the call's scratch: it is overwritten."""
+        raise NotImplementedError(f"backend {self.name!r} does not keep logits")
 
 
 def register(backend: Backend) -> Backend:

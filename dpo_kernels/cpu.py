@@ -291,10 +291,19 @@ class CppBackend(Backend):
         return None
 
     def forward(self, x, opts, with_stats) -> TokenResult:
+        return TokenResult(*self._forward(x, opts, with_stats, keep=False))
+
+    keeps_logits = True
+
+    def forward_kept(self, x, opts, with_stats):
+        *outs, kept = self._forward(x, opts, with_stats, keep=True)
+        return TokenResult(*outs), kept
+
+    def _forward(self, x, opts, with_stats, keep: bool):
         hidden, weight, bias, rows, labels, _ = x
         native = _native(hidden.dtype, weight.shape[1])
         cut = plan(rows.shape[0], weight.shape[0], weight.shape[1], native)
-        outs = load().forward(
+        return load().forward(
             hidden,
             weight,
             bias,
@@ -308,10 +317,16 @@ class CppBackend(Backend):
             cut.tile_rows,
             native,
             cut.split == "vocab",
+            keep,
         )
-        return TokenResult(*outs)
 
     def backward(self, x, lse, grad, opts, needs) -> Grads:
+        return self._backward(x, None, lse, grad, opts, needs)
+
+    def backward_kept(self, x, kept, lse, grad, opts, needs) -> Grads:
+        return self._backward(x, kept, lse, grad, opts, needs)
+
+    def _backward(self, x, kept, lse, grad, opts, needs) -> Grads:
         hidden, weight, bias, rows, labels, _ = x
         native = _native(hidden.dtype, weight.shape[1])
         cut = plan(rows.shape[0], weight.shape[0], weight.shape[1], native)
@@ -331,6 +346,7 @@ class CppBackend(Backend):
             cut.tile_rows,
             native,
             cut.split == "vocab",
+            kept,
         )
         return Grads(*(g if need else None for g, need in zip(grads, needs)))
 

@@ -110,6 +110,43 @@ class TorchBackend(Backend):
     def forward_jacobian(self, x: Rows, opts: LogitOptions, with_stats: bool):
         return self._scan(x, opts, with_stats, jacobian=True)
 
+    keeps_logits = True
+
+    def forward_kept(self, x: Rows, opts: LogitOptions, with_stats: bool):
+        hidden, weight, bias, rows, labels, _ = x
+        acc = compute_dtype(hidden.dtype)
+        vocab = weight.shape[0]
+        h = hidden.index_select(0, rows).to(acc)
+        z = _chunk_logits(h, weight.to(acc), None if bias is None else bias.to(acc), opts)
+        out = torch.empty((6 if with_stats else 2, rows.shape[0]), dtype=acc, device=h.device)
+        token_results(z, labels.clamp(0, vocab - 1), out, with_stats)
+        bad = (labels < 0) | (labels >= vocab)
+        out[0] = torch.where(bad, float("nan"), out[0])
+        return TokenResult(*out.unbind()), z.contiguous()
+
+    def backward_kept(self, x: Rows, kept, lse, grad, opts: LogitOptions, needs: Needs) -> Grads:
+        hidden, weight, bias, rows, labels, _ = x
+        acc = compute_dtype(hidden.dtype)
+        safe_labels = labels.clamp(0, weight.shape[0] - 1)
+        # G = grad · (onehot − softmax) · dz/dx, in place of the kept logits where the transform's
+        # derivative is a constant (one temporary of their size with softcap).
+        dzdx = opts.transform_grad(kept) if opts.has_softcap else None
+        g = kept.sub_(lse.to(acc)[:, None]).exp_().neg_()
+        g.scatter_add_(1, safe_labels[:, None], torch.ones_like(g[:, :1]))
+        g = g.mul_(dzdx) if dzdx is not None else g.mul_(opts.pre_scale)
+        del dzdx
+        g.mul_(grad.to(acc)[:, None])
+        weight_c = weight.to(acc)
+        d_hidden = d_weight = d_bias = None
+        if needs.hidden:
+            d_hidden = torch.zeros_like(hidden)
+            d_hidden.index_copy_(0, rows, (g @ weight_c).to(hidden.dtype))
+        if needs.weight:
+            d_weight = (g.T @ hidden.index_select(0, rows).to(acc)).to(weight.dtype)
+        if needs.bias:
+            d_bias = g.sum(dim=0).to(bias.dtype)
+        return Grads(d_hidden, d_weight, d_bias)
+
     @staticmethod
     def _scan(x: Rows, opts: LogitOptions, with_stats: bool, jacobian: bool):
         acc = compute_dtype(x.hidden.dtype)
