@@ -371,8 +371,10 @@ class LossSpec:
     counts; ``needs_chosen_nll``: needs ``sft_loss`` or ``chosen_num_tokens``.
     ``f_divergence_ok``: built on Δ = f'(c) − f'(r), so an f-divergence generalises it.
     ``smoothing``: a stricter range for ``label_smoothing``; ``uses_discopop_tau``: τ must be
-    > 0. ``trl_overrides``: ``(option, value)`` pairs TRL 1.16 uses for this type whatever the
-    config says, applied with ``PreferenceOptions(trl=True)``.
+    > 0. ``couples_pairs``: a pair's loss depends on the other pairs (a sort or a mean over the
+    batch), so the loss-level path scores the batch in one chunk or not at all.
+    ``trl_overrides``: ``(option, value)`` pairs TRL 1.16 uses for this type whatever the config
+    says, applied with ``PreferenceOptions(trl=True)``.
     """
 
     fn: Callable[[_Pair], Tensor]
@@ -382,6 +384,7 @@ class LossSpec:
     f_divergence_ok: bool = False
     smoothing: Optional[_Range] = None
     uses_discopop_tau: bool = False
+    couples_pairs: bool = False
     trl_overrides: tuple[tuple[str, float], ...] = ()
 
 
@@ -412,12 +415,18 @@ LOSS_SPECS: dict[str, LossSpec] = {
     ),
     "bco_pair": LossSpec(_bco_pair),
     "sppo_hard": LossSpec(_sppo_hard),
-    "aot": LossSpec(_aot),
-    "aot_unpaired": LossSpec(_aot_unpaired),
+    "aot": LossSpec(_aot, couples_pairs=True),
+    "aot_unpaired": LossSpec(_aot_unpaired, couples_pairs=True),
     "apo_zero": LossSpec(_apo_zero),
     "apo_down": LossSpec(_apo_down),
     "discopop": LossSpec(_discopop, f_divergence_ok=True, uses_discopop_tau=True),
-    "sft": LossSpec(_sft, needs_reference=False, needs_chosen_nll=True, f_divergence_ok=True),
+    "sft": LossSpec(
+        _sft,
+        needs_reference=False,
+        needs_chosen_nll=True,
+        f_divergence_ok=True,
+        couples_pairs=True,
+    ),
     "sigmoid_norm": LossSpec(_sigmoid_norm, needs_num_tokens=True, f_divergence_ok=True),
 }
 
@@ -490,6 +499,11 @@ class PreferenceOptions:
     def loss_types(self) -> tuple[str, ...]:
         """``loss_type`` as a tuple of names."""
         return (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
+
+    @property
+    def separable(self) -> bool:
+        """The loss is a sum of per-pair terms (no type couples the pairs)."""
+        return not any(LOSS_SPECS[t].couples_pairs for t in self.loss_types)
 
 
 def _preference_loss(

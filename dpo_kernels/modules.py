@@ -26,7 +26,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .logprobs import linear_logprobs
+from . import loss_path
+from .logprobs import LogProbStats, linear_logprobs
 from .losses import (
     CPOOptions,
     KTOOptions,
@@ -151,7 +152,16 @@ def _check_inputs(name_input, _input, name_weight, weight, target, paired: bool)
 
 
 def _sequence_pass(
-    hidden, weight, target, bias, *, ignore_index, average_log_prob, ld_alpha=None, backend="auto"
+    hidden,
+    weight,
+    target,
+    bias,
+    *,
+    ignore_index,
+    average_log_prob,
+    ld_alpha=None,
+    backend="auto",
+    softcap=None,
 ) -> _Pass:
     if ld_alpha is None:
         st = linear_logprobs(
@@ -162,9 +172,9 @@ def _sequence_pass(
             ignore_index=ignore_index,
             return_stats=True,
             backend=backend,
+            softcap=softcap,
         )
-        sums, num = st.logps, st.num_tokens
-        logps, stats = sums, st
+        logps, stats = st.logps, st
     else:  # LD-DPO needs per-token log-probs to split shared and tail tokens
         st = linear_logprobs(
             hidden,
@@ -175,9 +185,16 @@ def _sequence_pass(
             reduction="none",
             return_stats=True,
             backend=backend,
+            softcap=softcap,
         )
         logps, stats = _ld_sequence_stats(st, ld_alpha)
-        sums, num = stats.logps, stats.num_tokens
+    return _pass_from(stats, average_log_prob, logps)
+
+
+def _pass_from(stats: LogProbStats, average_log_prob: bool, logps: Optional[Tensor] = None):
+    """A :class:`_Pass` from per-sequence statistics (``logps`` their sums, unless given)."""
+    sums, num = stats.logps, stats.num_tokens
+    logps = sums if logps is None else logps
     if average_log_prob:
         logps = logps / num.clamp(min=1).to(logps.dtype)
     return _Pass(
@@ -249,35 +266,94 @@ def _split(p: _Pass):
 
 
 class _PairedBase(nn.Module):
-    """What the paired modules share: the policy pass, the chosen NLL, Liger's logits means."""
+    """What the paired modules share: the policy pass and the loss on it (the loss-level fast
+    path of :mod:`dpo_kernels.loss_path` where it applies), the chosen NLL, Liger's logits
+    means."""
 
-    def _policy(self, weight, _input, target, bias, average_log_prob, ld_alpha=None):
+    def _policy(
+        self,
+        weight,
+        _input,
+        target,
+        bias,
+        average_log_prob,
+        pair_loss,
+        separable,
+        ld_alpha=None,
+        fused=True,
+    ):
+        """The policy pass and its loss. ``pair_loss(chosen, rejected, pairs)`` is the module's
+        loss on the pairs ``pairs`` (a slice) from their :class:`_Pass` halves; its ``.losses``
+        are per pair. Returns ``(out, loss, chosen, rejected, nll, c_mean, r_mean)``: ``out`` the
+        loss's output on the whole batch, ``loss`` its mean (plus ``alpha · nll`` with
+        ``compute_nll_loss``), differentiable."""
         _check_inputs("_input", _input, "lin_weight", weight, target, paired=True)
-        p = _sequence_pass(
-            _input,
-            weight,
-            target,
-            bias,
-            ignore_index=self.ignore_index,
-            average_log_prob=average_log_prob,
-            ld_alpha=ld_alpha,
-            backend=self.backend,
+        half = _input.shape[0] // 2
+        chunks = (
+            "LD-DPO weighs tokens, or the caller's loss needs the plain op"
+            if ld_alpha is not None or not fused
+            else loss_path.plan(
+                _input,
+                weight,
+                bias,
+                target,
+                ignore_index=self.ignore_index,
+                backend=self.backend,
+                separable=separable,
+            )
         )
+        carrier = None
+        if isinstance(chunks, list):
+            n_chosen = (target[:half] != self.ignore_index).sum().clamp(min=1)
+
+            def chunk_loss(stats: LogProbStats, pairs: slice) -> Tensor:
+                c, r = _split(_pass_from(stats, average_log_prob))
+                loss = pair_loss(c, r, pairs).losses.sum() / half
+                if self.compute_nll_loss:  # the batch's mean NLL, a sum over chunks
+                    loss = loss - self.alpha * c.sums.sum() / n_chosen.to(c.sums.dtype)
+                return loss
+
+            carrier, stats = loss_path.fused_pair_loss(
+                _input,
+                weight,
+                target,
+                bias,
+                chunk_loss,
+                chunks,
+                ignore_index=self.ignore_index,
+                backend=self.backend,
+                softcap=self.softcap,
+            )
+            p = _pass_from(stats, average_log_prob)
+        else:
+            p = _sequence_pass(
+                _input,
+                weight,
+                target,
+                bias,
+                ignore_index=self.ignore_index,
+                average_log_prob=average_log_prob,
+                ld_alpha=ld_alpha,
+                backend=self.backend,
+                softcap=self.softcap,
+            )
         chosen, rejected = _split(p)
         nll = mean_nll(chosen.sums, chosen.num_tokens)
-        half = _input.shape[0] // 2
+        out = pair_loss(chosen, rejected, slice(0, half))
+        loss = out.losses.mean()
+        if self.compute_nll_loss:
+            loss = loss + self.alpha * nll
+        if carrier is not None:  # values from the detached statistics, gradients from the path
+            loss = loss + carrier
         scale = half * _input.shape[1] * weight.shape[0]
         halves = torch.zeros(2, _input.shape[0], device=_input.device)
         halves[0, :half] = 1
         halves[1, half:] = 1
         c_mean, r_mean = (_all_positions_logits_sum(_input, weight, bias, halves) / scale).unbind()
-        return chosen, rejected, nll, c_mean, r_mean
+        return out, loss, chosen, rejected, nll, c_mean, r_mean
 
-    def _finish(self, out, chosen, rejected, nll, c_mean, r_mean, cls=None, extra=()):
-        """The loss and Liger's output tuple (plus ``.metrics``) from a loss's output."""
-        loss = out.losses.mean()
-        if self.compute_nll_loss:
-            loss = loss + self.alpha * nll
+    def _finish(self, out, loss, chosen, rejected, nll, c_mean, r_mean, cls=None, extra=()):
+        """Liger's output tuple (plus ``.metrics``) from a loss's output."""
         metrics = _pair_metrics(chosen, rejected, out.chosen_rewards, out.rejected_rewards, nll)
         # Liger reports 0 when the NLL term is off; the metrics always have the real value.
         reported_nll = nll.detach() if self.compute_nll_loss else torch.zeros_like(nll).detach()
@@ -350,6 +426,7 @@ class FusedLinearDPOLoss(_PairedBase):
         use_weighting: bool = False,
         ld_alpha: Optional[float] = None,
         backend: str = "auto",
+        softcap: Optional[float] = None,
     ):
         super().__init__()
         self.options = PreferenceOptions(
@@ -373,6 +450,7 @@ class FusedLinearDPOLoss(_PairedBase):
         self.use_weighting = use_weighting
         self.ld_alpha = ld_alpha
         self.backend = backend
+        self.softcap = softcap
 
     def _reference(
         self, target, ref_input, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps, half
@@ -409,6 +487,7 @@ class FusedLinearDPOLoss(_PairedBase):
                 average_log_prob=self.average_log_prob,
                 ld_alpha=self.ld_alpha,
                 backend=self.backend,
+                softcap=self.softcap,
             )
         return ref.logps[:half], ref.logps[half:]
 
@@ -424,36 +503,48 @@ class FusedLinearDPOLoss(_PairedBase):
         ref_chosen_logps=None,
         ref_rejected_logps=None,
     ):
-        chosen, rejected, nll, c_mean, r_mean = self._policy(
-            lin_weight, _input, target, bias, self.average_log_prob, self.ld_alpha
-        )
+        _check_inputs("_input", _input, "lin_weight", lin_weight, target, paired=True)
         half = _input.shape[0] // 2
+        # The reference first: with it known, the policy's loss gradient is known in its forward.
         ref_c, ref_r = self._reference(
             target, ref_input, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps, half
         )
-        weights = None
-        if self.use_weighting:  # WPO weights from the plain sums, as TRL
-            weights = wpo_weights(
-                chosen.sums,
-                rejected.sums,
-                chosen.lss,
-                rejected.lss,
-                chosen.num_tokens,
-                rejected.num_tokens,
+
+        def pair_loss(chosen: _Pass, rejected: _Pass, pairs: slice):
+            weights = None
+            if self.use_weighting:  # WPO weights from the plain sums, as TRL
+                weights = wpo_weights(
+                    chosen.sums,
+                    rejected.sums,
+                    chosen.lss,
+                    rejected.lss,
+                    chosen.num_tokens,
+                    rejected.num_tokens,
+                )
+            return _preference_loss(
+                self.options,
+                chosen.logps,
+                rejected.logps,
+                None if ref_c is None else ref_c[pairs],
+                None if ref_r is None else ref_r[pairs],
+                reference_free=ref_c is None,
+                chosen_num_tokens=chosen.num_tokens,
+                rejected_num_tokens=rejected.num_tokens,
+                sft_loss=mean_nll(chosen.sums, chosen.num_tokens),
+                weights=weights,
             )
-        out = _preference_loss(
-            self.options,
-            chosen.logps,
-            rejected.logps,
-            ref_c,
-            ref_r,
-            reference_free=ref_c is None,
-            chosen_num_tokens=chosen.num_tokens,
-            rejected_num_tokens=rejected.num_tokens,
-            sft_loss=nll,
-            weights=weights,
+
+        res = self._policy(
+            lin_weight,
+            _input,
+            target,
+            bias,
+            self.average_log_prob,
+            pair_loss,
+            self.options.separable,
+            self.ld_alpha,
         )
-        return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
+        return self._finish(*res)
 
 
 # ----------------------------------------------------------------------------- SimPO / CPO
@@ -484,6 +575,7 @@ class FusedLinearSimPOLoss(_PairedBase):
         chunk_size: int = 1,
         *,
         backend: str = "auto",
+        softcap: Optional[float] = None,
     ):
         super().__init__()
         self.options = SimPOOptions(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
@@ -493,11 +585,19 @@ class FusedLinearSimPOLoss(_PairedBase):
         self.compiled = compiled
         self.chunk_size = chunk_size
         self.backend = backend
+        self.softcap = softcap
 
     def forward(self, lin_weight, _input, target, bias=None):
-        chosen, rejected, nll, c_mean, r_mean = self._policy(lin_weight, _input, target, bias, True)
-        out = _simpo_loss(self.options, chosen.logps, rejected.logps)
-        return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
+        res = self._policy(
+            lin_weight,
+            _input,
+            target,
+            bias,
+            True,
+            lambda c, r, _pairs: _simpo_loss(self.options, c.logps, r.logps),
+            True,
+        )
+        return self._finish(*res)
 
 
 class FusedLinearCPOLoss(_PairedBase):
@@ -529,6 +629,7 @@ class FusedLinearCPOLoss(_PairedBase):
         loss_type: str = "sigmoid",
         simpo_gamma: float = 0.5,
         backend: str = "auto",
+        softcap: Optional[float] = None,
     ):
         super().__init__()
         self.options = CPOOptions(
@@ -541,13 +642,19 @@ class FusedLinearCPOLoss(_PairedBase):
         self.average_log_prob = average_log_prob
         self.chunk_size = chunk_size
         self.backend = backend
+        self.softcap = softcap
 
     def forward(self, lin_weight, _input, target, bias=None):
-        chosen, rejected, nll, c_mean, r_mean = self._policy(
-            lin_weight, _input, target, bias, self.average_log_prob
+        res = self._policy(
+            lin_weight,
+            _input,
+            target,
+            bias,
+            self.average_log_prob,
+            lambda c, r, _pairs: _cpo_loss(self.options, c.logps, r.logps),
+            True,
         )
-        out = _cpo_loss(self.options, chosen.logps, rejected.logps)
-        return self._finish(out, chosen, rejected, nll, c_mean, r_mean)
+        return self._finish(*res)
 
 
 # ----------------------------------------------------------------------------- ORPO
@@ -575,6 +682,7 @@ class FusedLinearORPOLoss(_PairedBase):
         chunk_size: int = 1,
         *,
         backend: str = "auto",
+        softcap: Optional[float] = None,
     ):
         super().__init__()
         self.options = ORPOOptions(beta=beta)
@@ -584,9 +692,19 @@ class FusedLinearORPOLoss(_PairedBase):
         self.compiled = compiled
         self.chunk_size = chunk_size
         self.backend = backend
+        self.softcap = softcap
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
-        chosen, rejected, nll, c_mean, r_mean = self._policy(lin_weight, _input, target, bias, True)
+        out, loss, chosen, rejected, nll, c_mean, r_mean = self._policy(
+            lin_weight,
+            _input,
+            target,
+            bias,
+            True,
+            lambda c, r, _pairs: _orpo_loss(self.options, c.logps, r.logps),
+            True,
+            fused=nll_target is None,  # that NLL comes from another pass: the plain op
+        )
         if nll_target is not None:
             if not isinstance(nll_target, Tensor) or nll_target.shape != target.shape:
                 raise ValueError(
@@ -602,11 +720,13 @@ class FusedLinearORPOLoss(_PairedBase):
                 ignore_index=self.ignore_index,
                 return_stats=True,
                 backend=self.backend,
+                softcap=self.softcap,
             )
             nll = mean_nll(st.logps, st.num_tokens)
-        out = _orpo_loss(self.options, chosen.logps, rejected.logps)
+            loss = out.losses.mean() + (self.alpha * nll if self.compute_nll_loss else 0.0)
         loss, outputs = self._finish(
             out,
+            loss,
             chosen,
             rejected,
             nll,
@@ -659,6 +779,7 @@ class FusedLinearKTOLoss(nn.Module):
         undesirable_weight: float = 1.0,
         loss_type: str = "kto",
         backend: str = "auto",
+        softcap: Optional[float] = None,
     ):
         super().__init__()
         self.options = KTOOptions(
@@ -673,6 +794,7 @@ class FusedLinearKTOLoss(nn.Module):
         self.average_log_prob = average_log_prob
         self.chunk_size = chunk_size
         self.backend = backend
+        self.softcap = softcap
 
     def _pass(self, _input, weight, target, bias):
         return _sequence_pass(
@@ -683,6 +805,7 @@ class FusedLinearKTOLoss(nn.Module):
             ignore_index=self.ignore_index,
             average_log_prob=self.average_log_prob,
             backend=self.backend,
+            softcap=self.softcap,
         )
 
     def forward(

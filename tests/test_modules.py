@@ -243,19 +243,29 @@ def test_precomputed_reference_equals_reference_model():
         assert torch.equal(x, y)
 
 
-def test_one_policy_pass_and_reference_without_autograd(monkeypatch):
+@pytest.mark.parametrize("path", ["auto", "recompute"])
+def test_one_policy_pass_and_reference_without_autograd(monkeypatch, path):
+    """The reference first, without autograd; then one policy pass: the loss-level path where it
+    applies (``dpo_kernels.loss_path``), else the plain op with autograd."""
+    monkeypatch.setenv("DPO_KERNELS_LOSS_PATH", path)
     h, w, b, t, (rh, rw, rb) = make(seed=17)
     calls = []
-    real = M.linear_logprobs
+    real, real_fused = M.linear_logprobs, M.loss_path.fused_pair_loss
 
     def spy(hidden, *args, **kwargs):
         calls.append((hidden is h, torch.is_grad_enabled()))
         return real(hidden, *args, **kwargs)
 
+    def spy_fused(hidden, *args, **kwargs):
+        calls.append(("fused", hidden is h, torch.is_grad_enabled()))
+        return real_fused(hidden, *args, **kwargs)
+
     monkeypatch.setattr(M, "linear_logprobs", spy)
+    monkeypatch.setattr(M.loss_path, "fused_pair_loss", spy_fused)
     h.requires_grad_()
     loss, out = M.FusedLinearDPOLoss(backend="torch", compute_nll_loss=True)(w, h, t, b, rh, rw, rb)
-    assert calls == [(True, True), (False, False)], calls  # policy with grad, reference without
+    policy = ("fused", True, True) if path == "auto" else (True, True)
+    assert calls == [(False, False), policy], calls  # reference without autograd, then policy
     assert set(out.metrics) == {
         "rewards/chosen",
         "rewards/rejected",
