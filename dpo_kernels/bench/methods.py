@@ -4,7 +4,8 @@ Each method is a function ``build(inputs) -> step`` where ``step()`` runs one wo
 the loss (a 0-d tensor, detached). Workloads:
 
 - ``logprobs_fwd_bwd``: the policy's per-sequence log-probs, forward + backward (of their sum);
-- ``dpo_step``: policy forward + backward, reference forward (no autograd), sigmoid DPO loss.
+- ``dpo_step``: policy forward + backward, reference forward (no autograd), sigmoid DPO loss
+  (ours and Liger's through their ``FusedLinearDPOLoss`` modules, as a user runs them).
 
 Peers compute per-token log-probs their own way; the sum over a sequence's valid tokens and the
 loss on top are the same plain torch for all of them, so only the LM-head part differs.
@@ -182,6 +183,21 @@ def _step(x: Inputs, seq_logps: Callable) -> Callable:
     return step
 
 
+def _module_step(x: Inputs, loss_fn) -> Callable:
+    """A ``dpo_step`` through a Liger-style fused DPO loss module (``loss_fn(weight, input,
+    target, ref_input=, ref_weight=)``)."""
+
+    def step():
+        x.hidden.grad = x.weight.grad = None
+        loss, _ = loss_fn(
+            x.weight, x.hidden, x.labels, ref_input=x.ref_hidden, ref_weight=x.ref_weight
+        )
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
 def _per_token_method(per_token: Callable) -> Callable:
     """A method from a per-token log-prob function ``per_token(hidden2d, weight, labels1d,
     softcap)`` returning ``(N,)`` log-probs (anything at ignored positions; they are masked
@@ -205,9 +221,13 @@ def _per_token_method(per_token: Callable) -> Callable:
 
 
 def build_dpo_kernels(x: Inputs):
+    """``logprobs_fwd_bwd``: :func:`dpo_kernels.linear_logprobs`; ``dpo_step``: what a user gets
+    from :class:`dpo_kernels.FusedLinearDPOLoss` (the loss-level path where it applies)."""
     import dpo_kernels as dk
 
-    return _step(x, lambda h, w: dk.linear_logprobs(h, w, x.labels, softcap=x.softcap))
+    if x.workload != "dpo_step":
+        return _step(x, lambda h, w: dk.linear_logprobs(h, w, x.labels, softcap=x.softcap))
+    return _module_step(x, dk.FusedLinearDPOLoss(beta=BETA, use_ref_model=True, softcap=x.softcap))
 
 
 def _trl_tok(h, w, labels, softcap):
@@ -250,17 +270,7 @@ def build_liger(x: Inputs):
         raise NotImplementedError(ONLY_WORKLOAD["liger"][1])
     if x.softcap is not None:
         raise NotImplementedError(NO_SOFTCAP["liger"])
-    loss_fn = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=True)
-
-    def step():
-        x.hidden.grad = x.weight.grad = None
-        loss, _ = loss_fn(
-            x.weight, x.hidden, x.labels, ref_input=x.ref_hidden, ref_weight=x.ref_weight
-        )
-        loss.backward()
-        return loss.detach()
-
-    return step
+    return _module_step(x, LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=True))
 
 
 BUILDERS = {
