@@ -6,7 +6,13 @@ reference model, and applies a loss from :mod:`dpo_kernels.losses`. Constructor 
 signatures and return tuples are Liger-Kernel 0.8's, so a Liger user changes one import;
 ``compiled`` and ``chunk_size`` are accepted and ignored (the kernels need neither
 ``torch.compile`` nor chunking). Everything a module adds over Liger is keyword-only and comes
-after Liger's arguments.
+after Liger's arguments; every module takes ``backend`` and ``softcap`` (Gemma-2's final-logit
+softcapping, applied as :func:`linear_logprobs` does).
+
+The paired modules (DPO, SimPO, CPO, ORPO) run the policy pass through the loss-level path of
+:mod:`dpo_kernels.loss_path` where it applies (the reference first, then chunks of pairs scored
+with their logits kept and their gradients formed at once: no recompute), else through
+:func:`linear_logprobs`; the results are the same.
 
 Each module checks its options when it is built, without running a loss: the loss's options go
 into one frozen object from :mod:`dpo_kernels.losses` (``self.options``, e.g.
@@ -208,6 +214,20 @@ def _pass_from(stats: LogProbStats, average_log_prob: bool, logps: Optional[Tens
     )
 
 
+def _sum_f32(t: Tensor, dim: int, chunk_bytes: int = 4 << 20) -> Tensor:
+    """``t.sum(dim)`` accumulated in fp32, without an fp32 copy of ``t``: torch's
+    ``sum(dtype=torch.float32)`` first widens all of a bf16/fp16 tensor (2 GB for a Llama-3 head),
+    so a low-precision ``t`` is summed in slices of ``chunk_bytes`` of fp32 along ``dim``."""
+    if t.dtype == torch.float32:
+        return t.sum(dim=dim)
+    n = t.shape[dim]
+    step = max(1, chunk_bytes // (4 * max(1, t.numel() // max(1, n))))
+    out = t.narrow(dim, 0, min(step, n)).sum(dim=dim, dtype=torch.float32)
+    for i in range(step, n, step):
+        out += t.narrow(dim, i, min(step, n - i)).sum(dim=dim, dtype=torch.float32)
+    return out
+
+
 def _all_positions_logits_sum(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], seq_weights: Optional[Tensor] = None
 ) -> Tensor:
@@ -216,8 +236,8 @@ def _all_positions_logits_sum(
     fp32 without an fp32 copy of ``weight``. ``seq_weights (B,)`` weights each sequence (0/1
     selects sequences without a host sync). Returns ``(len(seq_weights or [1]),)`` sums."""
     with torch.no_grad():
-        per_seq = hidden.sum(dim=1, dtype=torch.float32)  # (B, D)
-        w_sum = weight.sum(dim=0, dtype=torch.float32)  # (D,)
+        per_seq = _sum_f32(hidden, 1)  # (B, D)
+        w_sum = _sum_f32(weight, 0)  # (D,)
         b_sum = bias.sum(dtype=torch.float32) if bias is not None else 0.0
         weights = (
             torch.ones(1, hidden.shape[0], device=hidden.device)

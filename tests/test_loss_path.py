@@ -291,3 +291,25 @@ def test_memory_bounded_by_budget(monkeypatch, backend):
     with rec:
         run(module("sigmoid", True, False, backend), h, w, b, labels, ref)
     assert rec.largest <= 2**20, rec.largest
+
+
+def test_module_never_widens_a_bf16_head():
+    """A module's call makes no fp32 copy of a bf16 head (Liger's logits means once summed the
+    head with ``sum(dtype=float32)``, which widens all of it inside the op: invisible to an
+    allocation recorder, so the resident size is measured)."""
+    from dpo_kernels.bench.worker import PeakMeter
+
+    h, w, b, labels, ref = make(torch.bfloat16, d=1024, v=16384)  # fp32 copy: 64 MiB
+    mod = module("sigmoid", True, False, "cpp")
+    kw = dict(ref_chosen_logps=ref[:PAIRS], ref_rejected_logps=ref[PAIRS:])
+    with torch.no_grad():
+
+        def run_once():
+            return mod(w, h, labels, b, **kw)
+
+        run_once()  # first-call buffers
+        meter = PeakMeter(False)
+        if not meter.ok:
+            pytest.skip("this kernel cannot reset the peak resident size (/proc/self/clear_refs)")
+        run_once()
+    assert meter.delta_mb() < w.numel() * 4 / 2**20 / 4, meter.delta_mb()
