@@ -243,20 +243,37 @@ def fused_pair_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, LogProbStats]:
     """Per-sequence statistics of ``hidden (2B, T, D)`` (chosen half first) under the head
     ``weight (V, D)`` (``bias (V,)``) with ``labels (2B, T)``, and a 0-d ``carrier`` (value 0)
     whose gradient is that of ``Σ_chunks chunk_loss(stats[chunk], chunk)`` w.r.t. ``hidden``,
     ``weight`` and ``bias``: add it to the loss computed from the (detached) statistics.
     ``chunks`` from :func:`plan`. The statistics are those of ``linear_logprobs(...,
-    softcap=softcap, return_stats=True)`` (``logps`` the per-sequence sums)."""
+    softcap=softcap, temperature=temperature, logit_scale=logit_scale, return_stats=True)``
+    (``logps`` the per-sequence sums)."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _check_args(hidden, weight, labels, bias, None, "sum", 1.0, 1.0, softcap, ignore_index, backend)
+    _check_args(
+        hidden,
+        weight,
+        labels,
+        bias,
+        None,
+        "sum",
+        temperature,
+        logit_scale,
+        softcap,
+        ignore_index,
+        backend,
+    )
     if labels.device.type == "cpu":
         _check_labels(labels, weight.shape[0], ignore_index)
     opts = LogitOptions(
         ignore_index,
-        softcap=None if softcap is None else float(softcap),
+        float(temperature),
+        float(logit_scale),
+        None if softcap is None else float(softcap),
         allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
         autotune=False,
     )

@@ -154,13 +154,21 @@ def test_one_batch_matches_stock_trl(name, tokenizer, dataset, tmp_path, monkeyp
     config = CONFIGS[name]
     stock = _one_batch(_trainer(trl.DPOTrainer, tokenizer, dataset, tmp_path / "s", **config))
     calls = []
-    real = dk_trl.sequence_logprobs
+    real, real_pair = dk_trl.sequence_logprobs, dk_trl.sequence_pair_loss
     monkeypatch.setattr(
         dk_trl, "sequence_logprobs", lambda *a, **k: calls.append(k["reduction"]) or real(*a, **k)
     )
+
+    def pair(*a, **k):
+        carrier, stats = real_pair(*a, **k)
+        calls.append("loss-level path" if carrier is not None else "plain op")
+        return carrier, stats
+
+    monkeypatch.setattr(dk_trl, "sequence_pair_loss", pair)
     ours = _one_batch(_trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path / "o", **config))
-    # one fused pass for the policy and one for the reference; per token only for LD-DPO
-    assert calls == ["none" if "ld_alpha" in config else "sum"] * 2
+    # The reference first, one fused pass; then the policy through the loss-level path (its
+    # loss known: no recompute), or per token for LD-DPO.
+    assert calls == (["none"] * 2 if "ld_alpha" in config else ["sum", "loss-level path"])
     _assert_parity(ours, stock)
     assert ours[1]["rewards/margins"] != 0  # the reference differs: the comparison has teeth
 

@@ -22,9 +22,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import loss_path
 from ..logprobs import LogProbStats, linear_logprobs
 
-__all__ = ["LMHeadSpec", "lm_head_spec", "sequence_logprobs", "unwrap_model"]
+__all__ = [
+    "LMHeadSpec",
+    "lm_head_spec",
+    "sequence_logprobs",
+    "sequence_pair_loss",
+    "unwrap_model",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +380,69 @@ def sequence_logprobs(
     possibly inside PEFT / DDP / FSDP / DeepSpeed / ``torch.compile`` wrappers;
     ``model_kwargs`` go to its backbone (e.g. ``pixel_values``, ``position_ids``).
     """
+    return _sequence_call(
+        model,
+        input_ids,
+        attention_mask,
+        completion_mask,
+        reduction,
+        temperature,
+        backend,
+        model_kwargs,
+        None,
+    )
+
+
+def sequence_pair_loss(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor],
+    completion_mask: Optional[Tensor],
+    chunk_loss: loss_path.ChunkLoss,
+    *,
+    separable: bool = True,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    **model_kwargs: Any,
+) -> tuple[Optional[Tensor], LogProbStats]:
+    """:func:`sequence_logprobs` of a batch of pairs (chosen sequences first) whose loss is known
+    to the caller: the loss-level path of :mod:`dpo_kernels.loss_path` where it applies (no
+    recompute of the logits in the backward).
+
+    ``chunk_loss(stats, pairs)`` is the loss's contribution of the pairs ``pairs`` (a slice)
+    from their statistics (chosen sequences first, ``logps`` the per-sequence sums), normalised
+    so that the contributions of disjoint chunks add up to the batch's loss; ``separable``: the
+    loss is a sum of per-pair terms. Returns ``(carrier, stats)``: on the path, a 0-d zero whose
+    gradient is the loss's (add it to the loss computed from the detached ``stats``); where the
+    path does not apply, ``None`` and ``stats`` whose ``logps`` carry the gradient as
+    :func:`sequence_logprobs`'s do.
+    """
+    return _sequence_call(
+        model,
+        input_ids,
+        attention_mask,
+        completion_mask,
+        "sum",
+        temperature,
+        backend,
+        model_kwargs,
+        (chunk_loss, separable),
+    )
+
+
+def _sequence_call(
+    model,
+    input_ids,
+    attention_mask,
+    completion_mask,
+    reduction,
+    temperature,
+    backend,
+    model_kwargs,
+    pair,
+):
+    """The body of :func:`sequence_logprobs` and :func:`sequence_pair_loss` (``pair``: None, or
+    ``(chunk_loss, separable)``)."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids must be a (B, T) tensor, got "
@@ -400,7 +470,7 @@ def sequence_logprobs(
     labels = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)
     model_kwargs.setdefault("use_cache", False)
 
-    def fused_forward() -> LogProbStats:
+    def fused_forward():
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         hidden = hidden[:, :-1].to(spec.weight.device)
@@ -414,10 +484,35 @@ def sequence_logprobs(
         if spec.vocab_size is not None:
             weight = weight[: spec.vocab_size]
             bias = bias[: spec.vocab_size] if bias is not None else None
-        return linear_logprobs(
+        labels_w = labels.to(weight.device)
+        chunks = None
+        if pair is not None:
+            chunks = loss_path.plan(
+                hidden,
+                weight,
+                bias,
+                labels_w,
+                ignore_index=-100,
+                backend=backend,
+                separable=pair[1],
+            )
+        if isinstance(chunks, list):
+            return loss_path.fused_pair_loss(
+                hidden,
+                weight,
+                labels_w,
+                bias,
+                pair[0],
+                chunks,
+                backend=backend,
+                softcap=spec.softcap,
+                temperature=temperature,
+                logit_scale=logit_scale,
+            )
+        stats = linear_logprobs(
             hidden,
             weight,
-            labels.to(weight.device),
+            labels_w,
             bias,
             reduction=reduction,
             temperature=temperature,
@@ -426,5 +521,6 @@ def sequence_logprobs(
             return_stats=True,
             backend=backend,
         )
+        return stats if pair is None else (None, stats)
 
     return _call_through(model, wrapper, fused_forward)

@@ -28,7 +28,7 @@ from ..losses import (
     mean_nll,
     wpo_weights,
 )
-from .transformers import sequence_logprobs
+from .transformers import sequence_logprobs, sequence_pair_loss
 
 SUPPORTED_TRL = (">=1.16", "<1.17")
 
@@ -119,6 +119,21 @@ class DPOTrainer(trl.DPOTrainer):
             return stats.logps, stats
         return _ld_sequence_stats(stats, self.ld_alpha)
 
+    def _pair_pass(self, model, inputs, chunk_loss):
+        """The policy pass with its loss known (the loss-level path where it applies):
+        ``(carrier or None, stats)`` of :func:`.transformers.sequence_pair_loss`."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        return sequence_pair_loss(
+            model,
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            inputs["completion_mask"],
+            chunk_loss,
+            separable=self.loss_options.separable,
+            backend=self.logprobs_backend,
+            **model_kwargs,
+        )
+
     def _reference_context(self):
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -142,9 +157,8 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        logps, stats = self._sequence_pass(model, inputs)
-        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-
+        # The reference first: with it known, the policy's loss (and so its gradient) is known
+        # as soon as its log-probs are, and the loss-level path needs no recompute.
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -161,26 +175,45 @@ class DPOTrainer(trl.DPOTrainer):
         # averages the sft NLL and the WPO weights over the scored (shifted) tokens.
         completion_len = inputs["completion_mask"].sum(dim=1)
         chosen_len, rejected_len = completion_len.chunk(2, dim=0)
-        raw, num = stats.logps.chunk(2, dim=0), stats.num_tokens.chunk(2, dim=0)
-        sft = mean_nll(raw[0], num[0]) if "sft" in self.loss_options.loss_types else None
-        weights = None
-        if self.use_weighting:
-            lssp = stats.log_sum_sq_probs_sum.chunk(2, dim=0)
-            weights = wpo_weights(raw[0], raw[1], lssp[0], lssp[1], num[0], num[1])
-        # Every loss type in one call; the options carry TRL's per-type quirks (no
-        # label_smoothing for sigmoid).
-        losses, chosen_rewards, rejected_rewards = _preference_loss(
-            self.loss_options,
-            chosen_logps,
-            rejected_logps,
-            ref_chosen.to(chosen_logps),
-            ref_rejected.to(chosen_logps),
-            chosen_num_tokens=chosen_len,
-            rejected_num_tokens=rejected_len,
-            sft_loss=sft,
-            weights=weights,
-        )
+
+        def pair_losses(logps, stats, pairs: slice):
+            """TRL's loss terms of the pairs ``pairs`` (every loss type in one call; the options
+            carry TRL's per-type quirks, e.g. no label_smoothing for sigmoid)."""
+            chosen, rejected = logps.chunk(2, dim=0)
+            raw, num = stats.logps.chunk(2, dim=0), stats.num_tokens.chunk(2, dim=0)
+            sft = mean_nll(raw[0], num[0]) if "sft" in self.loss_options.loss_types else None
+            weights = None
+            if self.use_weighting:
+                lssp = stats.log_sum_sq_probs_sum.chunk(2, dim=0)
+                weights = wpo_weights(raw[0], raw[1], lssp[0], lssp[1], num[0], num[1])
+            return _preference_loss(
+                self.loss_options,
+                chosen,
+                rejected,
+                ref_chosen[pairs].to(chosen),
+                ref_rejected[pairs].to(chosen),
+                chosen_num_tokens=chosen_len[pairs],
+                rejected_num_tokens=rejected_len[pairs],
+                sft_loss=sft,
+                weights=weights,
+            )
+
+        carrier = None
+        if self.ld_alpha is None:
+            n_pairs = inputs["input_ids"].shape[0] // 2
+
+            def chunk_loss(stats, pairs: slice):
+                return pair_losses(stats.logps, stats, pairs).losses.sum() / n_pairs
+
+            carrier, stats = self._pair_pass(model, inputs, chunk_loss)
+            logps = stats.logps
+        else:
+            logps, stats = self._sequence_pass(model, inputs)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        losses, chosen_rewards, rejected_rewards = pair_losses(logps, stats, slice(None))
         loss = losses.mean()
+        if carrier is not None:  # the value from the detached log-probs, the gradient from the path
+            loss = loss + carrier.to(loss.dtype)
 
         self._log_metrics(
             mode, inputs, stats, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards
