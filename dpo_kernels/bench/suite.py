@@ -401,8 +401,12 @@ def run(args, argv) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     default_rate = 100_000.0 if kind == "cuda" else 100.0  # GFLOP/s until the floors are in
+    # A floor's calls stop after the run's --budget too (CPU default 4 s): on a CPU without bf16
+    # units one bf16 call of a real head takes 5-10 s, and the floor is one GEMM, not a step.
+    budget = specs[0].get("budget_s") if specs else None
     gemm_specs = [
         dict(rows=rows, hidden=hidden, vocab=vocab, dtype=dtype, device=device)
+        | ({} if budget is None else {"budget_s": budget})
         for hidden, vocab, rows, dtype in gemms
     ]
 
@@ -417,7 +421,6 @@ def run(args, argv) -> dict:
     est = [min(r, timeout) for r in raw]  # what the bar counts: no run outlasts the timeout
     bar = _progress(sum(est))
     say = bar.write if bar is not None else print
-    budget = specs[0].get("budget_s") if specs else None
     say(
         f"dpo-kernels bench on {result['device']}: {len(gemms)} GEMM floor and {len(specs)} "
         f"method runs, each in its own process (timeout {timeout:.0f} s"
