@@ -8,8 +8,11 @@ import math
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import dpo_kernels as dk
+from dpo_kernels import logprobs as _logprobs
 
 HAS_CUDA = torch.cuda.is_available()
 # Triton chooses compiled vs interpreted kernels when they are decorated, so this must be set
@@ -187,3 +190,47 @@ def run_case(backend, device, dtype, layout, reduction, bias, opts, **shape):
     for name, g, rg, sg in zip(["hidden", "weight", "bias"], grads, ref_grads, same_grads):
         check_grad(g, rg, sg, dtype, f"d{name}")
     return out, grads
+
+
+# ----------------------------------------------------------------------------- memory
+
+# The Python functions behind the two custom ops, keyed by the op the dispatcher sees.
+_OP_BODIES = {
+    _logprobs._fwd_op._opoverload: _logprobs._forward,
+    _logprobs._bwd_op._opoverload: _logprobs._backward,
+}
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the largest new storage an op returns: ``largest`` (elements), ``largest_bytes``
+    and ``where`` (the op).
+
+    A dispatch mode is switched off while a custom op runs, so the ops of dpo_kernels are
+    replaced by their Python bodies run under this mode: their inner allocations count too, the
+    C++ backend's own (made on the calling thread) included. Work inside one op (a dtype widening
+    inside ``sum``) is not seen: measure the resident size for that.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = self.largest_bytes = 0
+        self.where = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _OP_BODIES:
+            with self:
+                return _OP_BODIES[func](*args, **kwargs)
+        out = func(*args, **kwargs)
+        seen = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                nbytes = t.untyped_storage().nbytes()
+                if nbytes > self.largest_bytes:
+                    self.largest_bytes, self.where = nbytes, str(func)
+                    self.largest = nbytes // t.element_size()
+        return out

@@ -5,14 +5,12 @@ path on the same inputs, for where it must not apply, and for its memory bound."
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import dpo_kernels as dk
 from dpo_kernels import backend as backend_mod
 from dpo_kernels import loss_path
 
-from .helpers import IGNORE, check_grad, naive_logprobs
+from .helpers import IGNORE, AllocationRecorder, check_grad, naive_logprobs
 
 PAIRS, T, D, V = 3, 13, 48, 1001
 BACKENDS = ["cpp", "torch"]
@@ -256,26 +254,6 @@ def test_pairs_without_tokens(monkeypatch):
         torch.testing.assert_close(g.double(), rg.double(), rtol=2e-5, atol=2e-6)
 
 
-class LargestAllocation(TorchDispatchMode):
-    """The largest new storage any op (the C++ backend's own included) returns, in elements."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
-        return out
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_memory_bounded_by_budget(monkeypatch, backend):
     """At a batch whose logits are far above the budget, no allocation exceeds the budget: one
@@ -287,10 +265,10 @@ def test_memory_bounded_by_budget(monkeypatch, backend):
     assert isinstance(chunks, list) and len(chunks) >= 3, chunks
     rows = int((labels != IGNORE).sum())
     assert rows * v * 4 > 3 * 2**20
-    rec = LargestAllocation()
+    rec = AllocationRecorder()
     with rec:
         run(module("sigmoid", True, False, backend), h, w, b, labels, ref)
-    assert rec.largest <= 2**20, rec.largest
+    assert rec.largest_bytes <= 2**20, (rec.where, rec.largest_bytes)
 
 
 def test_module_never_widens_a_bf16_head():

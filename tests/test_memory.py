@@ -2,54 +2,15 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import dpo_kernels as dk
-from dpo_kernels import logprobs
 
-from .helpers import make_inputs, naive_logprobs
+from .helpers import AllocationRecorder, make_inputs, naive_logprobs
 
 # N·V/4 = 32768 > V·D = 16384 > N·D = 2048: the bound catches logits, not the head or activations.
 B, T, D, V = 2, 64, 16, 1024
 N = B * T
 BOUND = N * V // 4
-# The Python functions behind the two custom ops, keyed by the op the dispatcher sees.
-OP_BODIES = {
-    logprobs._fwd_op._opoverload: logprobs._forward,
-    logprobs._bwd_op._opoverload: logprobs._backward,
-}
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records the element count of every new storage an op returns.
-
-    A dispatch mode is switched off while a custom op runs, so the ops of dpo_kernels are
-    replaced by their Python bodies run under this mode: their inner allocations count too.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-        self.where = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in OP_BODIES:
-            with self:
-                return OP_BODIES[func](*args, **kwargs)
-        out = func(*args, **kwargs)
-        seen = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                numel = t.untyped_storage().nbytes() // t.element_size()
-                if numel > self.largest:
-                    self.largest, self.where = numel, str(func)
-        return out
 
 
 def _inputs():
