@@ -13,6 +13,7 @@ from dpo_kernels.integrations.transformers import (  # noqa: E402
     LMHeadSpec,
     lm_head_spec,
     sequence_logprobs,
+    sequence_pair_loss,
     unwrap_model,
 )
 
@@ -316,3 +317,42 @@ def test_dtensor_head_is_gathered(process_group):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     got.sum().backward()
     torch.testing.assert_close(sharded.lm_head.weight.grad.full_tensor(), plain.lm_head.weight.grad)
+
+
+@pytest.mark.parametrize("wrap", ["none", "ddp"])
+def test_sequence_pair_loss_matches_the_models_logits(request, wrap):
+    """The loss-level path through a model, bare and inside DDP (its reducer armed): the loss and
+    every parameter's gradient equal those from the model's own logits."""
+    model = _model("llama")
+    ids, attention, completion = _batch()  # 4 sequences: pairs (0, 2) and (1, 3)
+    ref = torch.tensor([-30.0, -25.0, -28.0, -20.0], dtype=torch.float64)
+
+    def dpo(logps, pairs=slice(None)):
+        c, r = logps.chunk(2)
+        margin = (c - ref[:2][pairs]) - (r - ref[2:][pairs])
+        return -torch.nn.functional.logsigmoid(0.1 * margin)
+
+    want_logps, _ = _model_logps(model, ids, attention, completion)
+    dpo(want_logps).mean().backward()
+    want_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    if wrap == "ddp":
+        request.getfixturevalue("process_group")
+        model_in = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        model_in = model
+    carrier, stats = sequence_pair_loss(
+        model_in,
+        ids,
+        attention,
+        completion,
+        lambda st, pairs: dpo(st.logps, pairs).sum() / 2,
+        backend="torch",
+    )
+    assert carrier is not None, "the loss-level path did not apply"
+    loss = dpo(stats.logps).mean() + carrier
+    torch.testing.assert_close(loss, dpo(want_logps.detach()).mean(), rtol=1e-10, atol=1e-10)
+    loss.backward()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)

@@ -291,3 +291,25 @@ def test_module_never_widens_a_bf16_head():
             pytest.skip("this kernel cannot reset the peak resident size (/proc/self/clear_refs)")
         run_once()
     assert meter.delta_mb() < w.numel() * 4 / 2**20 / 4, meter.delta_mb()
+
+
+def test_torch_compile_takes_the_plain_op(monkeypatch):
+    """Under ``torch.compile`` the modules run the plain custom op (one opaque op with a known
+    backward), with the eager path's results."""
+    h, w, b, labels, ref = make()
+    mod = module("sigmoid", True, False, "cpp")
+    kw = dict(ref_chosen_logps=ref[:PAIRS], ref_rejected_logps=ref[PAIRS:])
+
+    def loss_of(w_, h_, b_):
+        return mod(w_, h_, labels, b_, **kw)[0]
+
+    spy = Spy(monkeypatch, "cpp")
+    want = loss_of(w, h, b)
+    want_grads = torch.autograd.grad(want, [h, w, b])
+    assert spy.calls["forward_kept"] == 1  # eager: the loss-level path
+    got = torch.compile(loss_of, backend="eager")(w, h, b)
+    got_grads = torch.autograd.grad(got, [h, w, b])
+    assert spy.calls["forward_kept"] == 1 and spy.calls["backward"] == 1  # compiled: plain op
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for x, y in zip(got_grads, want_grads):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
