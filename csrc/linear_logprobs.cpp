@@ -7,7 +7,9 @@
 // place into the logit gradient G (backward), which two more GEMMs per tile turn into
 // dH[tile] += G W[chunk] and the thread's partial dW[chunk] += G^T H[tile]. Memory beyond the
 // gradients: the compacted fp32 rows H and dH accumulator, and per thread one tile and one
-// [Vc x D] partial: O(Nv D + threads (tile + Vc D)).
+// [Vc x D] partial: O(Nv D + threads (tile + Vc D)). With keep (the loss-level path, which sizes
+// the call to its memory budget) the forward's GEMMs write into an [Nv x V] buffer instead of the
+// tiles, and the backward reads it there instead of recomputing: 4 Nv D V instead of 6.
 //
 // bf16 inputs on a CPU with bf16 units — AMX tiles, or AVX512-BF16 dot-product instructions —
 // run bf16 GEMMs with fp32 accumulation and fp32 logits (the "native" path: oneDNN's brgemm
@@ -57,8 +59,8 @@ inline float exp_f32(float x) {
   return p * scale;
 }
 
-// A new tensor of `bytes` or more backed by 2 MiB pages where the kernel allows it (transparent
-// huge pages in "madvise" mode, the common default): the head's gradient (V x D, 2 GB for a
+// A new tensor backed by 2 MiB pages where the kernel allows it (transparent huge pages in
+// "madvise" mode, the common default): the head's gradient (V x D, 2 GB for a
 // Llama-3 head in fp32) and the kept logits are fresh memory at every call, and touching them
 // first costs a page fault per 4 KiB (0.67 s for 2.1 GB on a 2-core VM, 0.20 s with huge pages).
 // The advice covers the whole 2 MiB pages inside the buffer; untouched pages cost nothing.

@@ -217,15 +217,12 @@ class _FusedPairLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_carrier, *_):
-        def scaled(g):
-            if g is None:
-                return None
-            # A CPU scalar is read for free: skip the pass over a V×D gradient when it is 1.
-            if grad_carrier.device.type == "cpu" and float(grad_carrier) == 1.0:
-                return g
-            return g * grad_carrier.to(g.dtype)
-
-        return (*(scaled(g) for g in ctx.saved_tensors), None)
+        # A CPU scalar is read for free: skip the pass over a V×D gradient when it is 1.
+        one = grad_carrier.device.type == "cpu" and float(grad_carrier) == 1.0
+        return (
+            *(g if g is None or one else g * grad_carrier.to(g.dtype) for g in ctx.saved_tensors),
+            None,
+        )
 
 
 def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
