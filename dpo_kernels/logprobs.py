@@ -393,6 +393,29 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public API
 
 
+def _check_whole(name: str, t: Optional[Tensor]) -> None:
+    """Refuses a head that a sharding engine holds in pieces outside its forward: used as it is,
+    each rank would get a gradient of its own piece only, silently wrong after reduction."""
+    if t is None:
+        return
+    if type(t).__name__ == "DTensor":
+        raise TypeError(
+            f"{name} is a DTensor (a shard held by FSDP2 or tensor parallelism): call the fused op "
+            "inside the forward of the module that FSDP2 wraps with the head, where it is whole "
+            "(dpo_kernels.integrations.transformers.sequence_logprobs does this), pass "
+            "vocab_parallel_group= for a vocabulary-sharded head, or pass "
+            f"{name}.full_tensor() yourself if no engine manages it"
+        )
+    status = getattr(t, "ds_status", None)
+    if status is not None and getattr(status, "name", "") != "AVAILABLE":
+        raise TypeError(
+            f"{name} is a DeepSpeed ZeRO-3 partition that is not gathered here: call the fused op "
+            "inside the head module's forward, or register it with "
+            "deepspeed.zero.register_external_parameter(module, param) on the module whose "
+            "forward calls it, so ZeRO-3 gathers it for that forward and its backward"
+        )
+
+
 def _check_args(
     hidden,
     weight,
@@ -409,6 +432,8 @@ def _check_args(
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_whole(name, t)
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:

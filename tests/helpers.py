@@ -234,3 +234,60 @@ class AllocationRecorder(TorchDispatchMode):
                     self.largest_bytes, self.where = nbytes, str(func)
                     self.largest = nbytes // t.element_size()
         return out
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def run_ranks(fn, world_size, *args, timeout=240.0):
+    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined in one gloo
+    process group, and returns when all have finished. A rank's exception fails the caller with
+    that rank's traceback; past ``timeout`` seconds every rank is killed and ``TimeoutError``
+    raised, so a hung collective cannot hang the suite. ``fn`` must be a module-level function
+    (the ranks import it by name)."""
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(
+            _rank_main,
+            args=(fn, world_size, os.path.join(tmp, "pg"), timeout, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{fn.__name__} on {world_size} ranks ran past {timeout} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join()
+
+
+def _rank_main(rank, fn, world_size, init_file, timeout, args):
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    for key in ("RANK", "LOCAL_RANK"):  # what torchrun sets (DeepSpeed reads them)
+        os.environ[key] = str(rank)
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        os.environ[key] = str(world_size)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()

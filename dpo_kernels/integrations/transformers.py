@@ -5,11 +5,12 @@ model's own forward applies; ``sequence_logprobs(model, ...)`` runs the backbone
 :func:`dpo_kernels.linear_logprobs` on the final hidden states, so the result equals
 ``log_softmax(model(...).logits)`` gathered at the next tokens and summed per sequence.
 
-Wrappers are handled without bypassing them: DDP / FSDP / DeepSpeed engines (and the model itself,
-so module hooks such as FSDP2's or ZeRO-3's fire) are *called*, with the wrapped module's
-``forward`` redirected to the fused computation for that one call; PEFT (LoRA-style) models run
-their adapted backbone; an FSDP2 ``DTensor`` head is gathered with ``full_tensor()``, a ZeRO-3
-partitioned head with ``deepspeed.zero.GatheredParameters``.
+Wrappers are handled without bypassing them: DDP / FSDP / DeepSpeed engines and the model itself
+are *called*, with the wrapped module's ``forward`` redirected to the fused computation for that
+one call, and so is the LM head (with its forward redirected to the fused op), so every engine
+hook fires as in a plain forward: FSDP2 / FSDP1 unshard the head and reduce its gradient, ZeRO-3
+fetches it and reduces its gradient. The head is read inside its own forward, never before. PEFT
+(LoRA-style) models run their adapted backbone.
 """
 
 from __future__ import annotations
@@ -199,14 +200,9 @@ def _logit_transforms(model_type: str, config) -> dict:
     return {}
 
 
-def lm_head_spec(model: nn.Module) -> LMHeadSpec:
-    """The head and logit transforms of a causal LM, so that ``linear_logprobs`` with them
-    reproduces ``model(...).logits`` (wrappers are looked through, see :func:`unwrap_model`).
-
-    Raises ``TypeError`` for a head that is not a floating-point ``nn.Linear``-like layer (for
-    example a 4-bit quantised head, whose packed weight the fused op cannot read).
-    """
-    model = unwrap_model(model)
+def _head_module(model: nn.Module) -> tuple[Optional[nn.Module], nn.Module]:
+    """(wrapper of the LM head or None, the head) of a transformers model: an FSDP1 unit around
+    the head alone is looked through (its forward is what unshards the head)."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:
@@ -214,8 +210,41 @@ def lm_head_spec(model: nn.Module) -> LMHeadSpec:
             f"{type(model).__name__} has no output embeddings (get_output_embeddings() returned "
             "None): pass a causal LM (…ForCausalLM / …ForConditionalGeneration)"
         )
+    if not any(head is child for child in model.children()):
+        raise TypeError(
+            f"the LM head of {type(model).__name__} ({type(head).__name__}) is not a direct "
+            "submodule: its logits go through other layers, which the fused head cannot apply"
+        )
+    wrapper = None
+    while _is_sync_wrapper(head):
+        wrapper = wrapper or head
+        head = head.module
+    return wrapper, head
+
+
+def lm_head_spec(model: nn.Module) -> LMHeadSpec:
+    """The head and logit transforms of a causal LM, so that ``linear_logprobs`` with them
+    reproduces ``model(...).logits`` (wrappers are looked through, see :func:`unwrap_model`).
+
+    The tensors are the head's parameters as they are now: under a sharding engine, read them
+    inside the head's forward (as :func:`sequence_logprobs` does), where they are whole.
+    Raises ``TypeError`` for a head that is not a floating-point ``nn.Linear``-like layer (for
+    example a 4-bit quantised head, whose packed weight the fused op cannot read).
+    """
+    return _head_spec(model, whole=True)
+
+
+def _head_spec(model: nn.Module, whole: bool) -> LMHeadSpec:
+    """:func:`lm_head_spec`; ``whole=False`` skips the check that the weight is ``(V, D)`` (outside
+    its forward, a sharding engine leaves a rank's shard there, possibly empty)."""
+    model = unwrap_model(model)
+    _, head = _head_module(model)
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
+    if (
+        not isinstance(weight, Tensor)
+        or not weight.dtype.is_floating_point
+        or (whole and weight.dim() != 2)
+    ):
         raise TypeError(
             f"the LM head {type(head).__name__} must hold a floating-point (V, D) weight; got "
             f"{None if weight is None else (tuple(weight.shape), weight.dtype)} "
@@ -225,11 +254,6 @@ def lm_head_spec(model: nn.Module) -> LMHeadSpec:
         raise TypeError(
             f"the LM head {type(head).__name__} is not a linear layer; its logits cannot be "
             "recomputed from (weight, bias)"
-        )
-    if not any(head is child for child in model.children()):
-        raise TypeError(
-            f"the LM head of {type(model).__name__} ({type(head).__name__}) is not a direct "
-            "submodule: its logits go through other layers, which the fused head cannot apply"
         )
     bias = getattr(head, "bias", None)
     transforms = _logit_transforms(getattr(model.config, "model_type", ""), _text_config(model))
@@ -290,12 +314,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return _peel(model)[1]
 
 
-def _call_through(model: nn.Module, wrapper: Optional[nn.Module], fn: Callable[[], Any]):
-    """Run ``fn()`` as the forward of ``model``: call the outermost wrapper (or the model) with
-    its inner module's ``forward`` redirected to ``fn`` for this one call, so wrapper logic and
-    module hooks run as in a normal forward."""
-    target = wrapper.module if wrapper is not None else model
-    outer = wrapper if wrapper is not None else model
+def _call_through(module: nn.Module, wrapper: Optional[nn.Module], fn: Callable[..., Any], *args):
+    """Run ``fn(*args)`` as the forward of ``module``: call the outermost wrapper (or the module)
+    with ``args`` and its inner module's ``forward`` redirected to ``fn`` for this one call, so
+    wrapper logic and module hooks (DDP's reducer, FSDP's unshard / reshard and gradient
+    reduction, ZeRO-3's parameter fetch) run as in a normal forward."""
+    target = wrapper.module if wrapper is not None else module
+    outer = wrapper if wrapper is not None else module
     missing = object()
     saved = target.__dict__.get("forward", missing)  # e.g. TRL's or accelerate's patched forward
 
@@ -305,34 +330,33 @@ def _call_through(model: nn.Module, wrapper: Optional[nn.Module], fn: Callable[[
         else:
             target.forward = saved
 
-    def redirected(*args, **kwargs):
+    def redirected(*call_args, **kwargs):
         restore()
-        return fn()
+        return fn(*call_args)
 
     target.forward = redirected
     try:
-        return outer()
+        return outer(*args)
     finally:
         restore()
 
 
-def _full_head(weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """The full head for one call: DTensor shards gathered (differentiably), ZeRO-3 partitions
-    gathered and copied (the copy's gradient flows back to the partitioned parameter)."""
-    params = [p for p in (weight, bias) if p is not None]
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+def _whole_head(weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """The head's tensors as one rank's whole ``(V, D)`` / ``(V,)``, read inside the head's
+    forward. Sharding engines have made them whole by then (FSDP2 and FSDP1 unshard, ZeRO-3
+    fetches); what is still sharded is a head nobody manages: a ``DTensor`` set by hand is
+    gathered as ``full_tensor()`` would (plain torch's semantics), a ZeRO-3 partition that
+    the engine did not fetch is an error, not a guess."""
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and getattr(p, "ds_status", None) is not None:
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        to_gather = [
-            p for p in params if hasattr(p, "ds_id") and p.ds_status != ZeroParamStatus.AVAILABLE
-        ]
-        ctx = (
-            deepspeed.zero.GatheredParameters(to_gather) if to_gather else contextlib.nullcontext()
-        )
-        with ctx:
-            weight = weight.clone()
-            bias = bias.clone() if bias is not None else None
+            if p.ds_status != ZeroParamStatus.AVAILABLE:
+                raise RuntimeError(
+                    f"the LM head's {name} is a ZeRO-3 partition that was not gathered for the "
+                    "call: run the model through the DeepSpeed engine (deepspeed.initialize), "
+                    "whose hooks fetch it"
+                )
     full = getattr(weight, "full_tensor", None)
     if callable(full):  # torch.distributed.tensor.DTensor
         weight = full()
@@ -459,7 +483,7 @@ def _sequence_call(
                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
             )
     wrapper, hf_model = _peel(model)
-    spec = lm_head_spec(hf_model)
+    _head_spec(hf_model, whole=False)  # refuse an unsupported head before running the backbone
     backbone = _backbone(hf_model)
 
     scored = torch.ones_like(input_ids, dtype=torch.bool)
@@ -470,20 +494,24 @@ def _sequence_call(
     labels = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)
     model_kwargs.setdefault("use_cache", False)
 
-    def fused_forward():
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        hidden = hidden[:, :-1].to(spec.weight.device)
-        logit_scale = spec.logit_scale
-        if spec.hidden_scale != 1.0:
-            if spec.bias is None:  # (c·h)·Wᵀ = c·(h·Wᵀ): fold into the logit scale, no copy
-                logit_scale *= spec.hidden_scale
+    head_wrapper, head = _head_module(hf_model)
+
+    def head_forward(hidden):
+        # Inside the head's own forward: its engine hooks have run, so this reads the head as a
+        # plain forward would see it (FSDP2 / FSDP1 unsharded, ZeRO-3 fetched), and its
+        # gradient goes where that forward's would (the engine's own reduction).
+        live = lm_head_spec(hf_model)
+        hidden = hidden.to(live.weight.device)
+        logit_scale = live.logit_scale
+        if live.hidden_scale != 1.0:
+            if live.bias is None:  # (c·h)·Wᵀ = c·(h·Wᵀ): fold into the logit scale, no copy
+                logit_scale *= live.hidden_scale
             else:
-                hidden = hidden * spec.hidden_scale
-        weight, bias = _full_head(spec.weight, spec.bias)
-        if spec.vocab_size is not None:
-            weight = weight[: spec.vocab_size]
-            bias = bias[: spec.vocab_size] if bias is not None else None
+                hidden = hidden * live.hidden_scale
+        weight, bias = _whole_head(live.weight, live.bias)
+        if live.vocab_size is not None:
+            weight = weight[: live.vocab_size]
+            bias = bias[: live.vocab_size] if bias is not None else None
         labels_w = labels.to(weight.device)
         chunks = None
         if pair is not None:
@@ -505,7 +533,7 @@ def _sequence_call(
                 pair[0],
                 chunks,
                 backend=backend,
-                softcap=spec.softcap,
+                softcap=live.softcap,
                 temperature=temperature,
                 logit_scale=logit_scale,
             )
@@ -517,10 +545,15 @@ def _sequence_call(
             reduction=reduction,
             temperature=temperature,
             logit_scale=logit_scale,
-            softcap=spec.softcap,
+            softcap=live.softcap,
             return_stats=True,
             backend=backend,
         )
         return stats if pair is None else (None, stats)
+
+    def fused_forward():
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return _call_through(head, head_wrapper, head_forward, hidden[:, :-1])
 
     return _call_through(model, wrapper, fused_forward)
