@@ -498,7 +498,7 @@ inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, flo
 
 // Per-token results on the compacted rows, in the order of the fields of dpo_kernels'
 // backend.TokenResult: logps, lse, and with stats logits_sum (the vocab-mean logit),
-// entropy_sum, top1_correct (0/1), log_sum_sq_probs_sum; all fp32 (Nv,). A label outside
+// entropy_sum, top1_correct (0/1), log_sum_sq_probs_sum, max_logit; all fp32 (Nv,). A label outside
 // [0, V) gives logps = NaN. With keep, one more: the logits z of every row, [Nv x V] fp32, for
 // the backward to read instead of recomputing them (the loss-level path).
 std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weight,
@@ -560,7 +560,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
   }
 
   const auto f32 = p.hidden.options().dtype(at::kFloat);
-  const int64_t n_out = with_stats ? 6 : 2;
+  const int64_t n_out = with_stats ? 7 : 2;
   std::vector<at::Tensor> out;
   std::vector<float*> ptr;
   for (int64_t k = 0; k < n_out; ++k) {
@@ -578,6 +578,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
       ptr[3][i] = static_cast<float>(l - st.szx[i] / st.s[i]);                   // entropy_sum
       ptr[4][i] = st.target[i] >= st.zmax[i] ? 1.f : 0.f;                        // top1_correct
       ptr[5][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // lss
+      ptr[6][i] = st.zmax[i];                                                         // max_logit
     }
   }
   if (keep) out.push_back(p.kept);
@@ -675,7 +676,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
           at::Tensor z = have ? kept_tile(p, c, r0, r) : tile_logits(p, c, t, b, r0, r);
           float* zp = z.data_ptr<float>();
           for (int64_t i = 0; i < r; ++i) {
-            const int64_t y = std::min(std::max<int64_t>(lab[r0 + i], 0), vocab - 1);
+            const int64_t y = lab[r0 + i];  // outside [0, V): no one-hot term (see backend.py)
             grad_row(zp + i * z.stride(0), c.vc, c.c0, y, lsp[r0 + i], gp[r0 + i], p.o, have);
           }
           if (need_h) dh_part[t].narrow(0, r0, r).addmm_(z, c.w);
@@ -713,7 +714,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
         float* zp = z.data_ptr<float>();
         for (int64_t k = 0; k < r; ++k) {
           const int64_t i = r0 + k;
-          const int64_t y = std::min(std::max<int64_t>(lab[i], 0), vocab - 1);
+          const int64_t y = lab[i];  // outside [0, V): no one-hot term
           grad_row(zp + k * z.stride(0), vc, c0, y, lsp[i], gp[i], p.o, have);
         }
         if (p.native) {

@@ -39,12 +39,17 @@ __all__ = [
     "Rows",
     "TokenResult",
     "available",
+    "check_cu_seqlens",
+    "check_labels",
     "chunk_budget_bytes",
+    "compact",
     "compute_dtype",
     "get",
     "register",
     "resolve",
+    "scatter_rows",
     "segment_sum",
+    "validate_data",
 ]
 
 #: Backend names ``linear_logprobs(backend=...)`` accepts, besides ``"auto"``.
@@ -184,9 +189,11 @@ class TokenResult(NamedTuple):
     With ``z`` a token's logits and ``p = softmax(z)``: ``logps = z[label] − lse`` (NaN for a label
     outside ``[0, V)``, never a plausible number), ``lse = logsumexp(z)`` (saved for the
     backward); with stats, ``logits_sum = mean_v z_v``, ``entropy_sum = −Σ_v p_v log p_v``,
-    ``top1_correct`` 1.0 if the label has the largest logit else 0.0, and
-    ``log_sum_sq_probs_sum = log Σ_v p_v²``; None without stats. The names are those of
-    :class:`dpo_kernels.LogProbStats`, whose per-sequence values are their sums.
+    ``top1_correct`` 1.0 if the label has the largest logit else 0.0,
+    ``log_sum_sq_probs_sum = log Σ_v p_v²`` and ``max_logit = max_v z_v``; None without stats.
+    The names but the last are those of :class:`dpo_kernels.LogProbStats`, whose per-sequence
+    values are their sums; ``max_logit`` lets a vocabulary-parallel call (:mod:`dpo_kernels.
+    distributed`) decide ``top1_correct`` across the shards.
     """
 
     logps: Tensor
@@ -195,6 +202,7 @@ class TokenResult(NamedTuple):
     entropy_sum: Optional[Tensor] = None
     top1_correct: Optional[Tensor] = None
     log_sum_sq_probs_sum: Optional[Tensor] = None
+    max_logit: Optional[Tensor] = None
 
 
 class Needs(NamedTuple):
@@ -250,7 +258,9 @@ class Backend(abc.ABC):
     ) -> Grads:
         """Gradients of ``Σ_i grad[i] · logp_i``; ``lse (Nv,)`` is the forward's, ``grad (Nv,)``
         the upstream gradient of each valid token's log-prob. Must recompute bit-identical
-        logits to the forward's."""
+        logits to the forward's. A label outside ``[0, V)`` contributes no one-hot term (its
+        row's logit gradient is ``−grad · softmax``): a vocabulary-parallel call passes such a
+        label for rows whose target lives on another shard, with the global ``lse``."""
 
     def forward_jacobian(self, x: Rows, opts: LogitOptions, with_stats: bool):
         """Frozen head: :meth:`forward`'s results and ``J (Nv, D)`` in the compute dtype, the
@@ -334,6 +344,82 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
                 stacklevel=3,
             )
     return get("torch")
+
+
+# ----------------------------------------------------------------------------- the rows
+
+
+def validate_data() -> bool:
+    return os.environ.get("DPO_KERNELS_VALIDATE", "0") == "1"
+
+
+def check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels must be in [0, {vocab}) (the vocab size of weight) or equal "
+            f"ignore_index={ignore_index}; found {int(labels[pos])} at flat position {pos}"
+        )
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, n: int) -> None:
+    if int(cu_seqlens[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
+    if cu_seqlens.shape[0] > 1 and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
+    if int(cu_seqlens[-1]) != n:
+        raise ValueError(
+            f"cu_seqlens must end at the number of rows N={n} of hidden, got {int(cu_seqlens[-1])}"
+        )
+
+
+def compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check, sync_free=False):
+    """Checks data where that is free (if ``check``), compacts the valid rows, maps sequences.
+
+    Returns ``(x, seg, cu_ok)``: the backends' :class:`~dpo_kernels.backend.Rows`, each
+    sequence's offsets into the compacted rows ``(S+1,)``, and a device-side flag (or None) that
+    is False when ``cu_seqlens`` was malformed but unchecked.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    validate = validate_data()
+    if check and (labels.device.type == "cpu" or validate):
+        check_labels(labels, vocab, ignore_index)
+    cu_checked = cu_seqlens.device.type == "cpu" or validate
+    if check and cu_checked:
+        check_cu_seqlens(cu_seqlens, n)
+    cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
+    valid = labels != ignore_index
+    prefix = torch.zeros(n + 1, dtype=torch.int64, device=hidden.device)
+    torch.cumsum(valid, 0, out=prefix[1:])
+    count = prefix[n:]  # (1,) number of valid rows, on the device
+    if sync_free:
+        # Valid rows first, in order, then the ignored ones: a permutation built on the device.
+        idx = torch.arange(n, device=hidden.device)
+        pos = torch.where(valid, prefix[:-1], count + idx - prefix[:-1])
+        rows = torch.empty_like(idx).scatter_(0, pos, idx)
+    else:
+        # The device->host sync of each pass: the number of valid rows sizes every launch.
+        rows = valid.nonzero().squeeze(1)
+    seg = prefix[cu.clamp(0, n)]
+    cu_ok = None
+    if not cu_checked:
+        # No sync on CUDA: a malformed cu_seqlens turns the outputs into NaN instead.
+        cu_ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
+    bias = None if bias is None else bias.contiguous()  # kernels index bias densely
+    labels_c = labels.index_select(0, rows)
+    x = Rows(hidden, weight.contiguous(), bias, rows, labels_c, count if sync_free else None)
+    return x, seg, cu_ok
+
+
+def scatter_rows(values: Tensor, x: Rows, n: int, dtype: torch.dtype) -> Tensor:
+    """Per-token values of the compacted rows back at their positions, 0 at ignored ones."""
+    values = values.to(dtype)
+    if x.count is not None:  # sync-free layout: the entries past the count are not results
+        keep = torch.arange(values.shape[0], device=values.device) < x.count
+        values = torch.where(keep, values, 0.0)
+    out = torch.zeros(n, dtype=dtype, device=values.device)
+    return out.index_copy_(0, x.rows, values)
 
 
 # ----------------------------------------------------------------------------- the reduction

@@ -22,11 +22,12 @@ from .backend import (
     Grads,
     LogitOptions,
     Needs,
-    Rows,
     TokenResult,
+    compact,
     compute_dtype,
     get,
     resolve,
+    scatter_rows,
     segment_sum,
 )
 
@@ -113,31 +114,6 @@ def _autotune_requested() -> bool:
     return os.environ.get("DPO_KERNELS_AUTOTUNE", "0") == "1"
 
 
-def _validate_data() -> bool:
-    return os.environ.get("DPO_KERNELS_VALIDATE", "0") == "1"
-
-
-def _check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"labels must be in [0, {vocab}) (the vocab size of weight) or equal "
-            f"ignore_index={ignore_index}; found {int(labels[pos])} at flat position {pos}"
-        )
-
-
-def _check_cu_seqlens(cu_seqlens: Tensor, n: int) -> None:
-    if int(cu_seqlens[0]) != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
-    if cu_seqlens.shape[0] > 1 and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
-    if int(cu_seqlens[-1]) != n:
-        raise ValueError(
-            f"cu_seqlens must end at the number of rows N={n} of hidden, got {int(cu_seqlens[-1])}"
-        )
-
-
 def _sync_free(backend: str, device: torch.device) -> bool:
     """No host sync for this call: the backend takes a device-side row count, and the call runs
     under CUDA-graph capture (``torch.compile(mode="reduce-overhead")`` included) or the user
@@ -148,54 +124,6 @@ def _sync_free(backend: str, device: torch.device) -> bool:
     if os.environ.get("DPO_KERNELS_SYNC_FREE", "0") == "1":
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check, sync_free=False):
-    """Checks data where that is free (if ``check``), compacts the valid rows, maps sequences.
-
-    Returns ``(x, seg, cu_ok)``: the backends' :class:`~dpo_kernels.backend.Rows`, each
-    sequence's offsets into the compacted rows ``(S+1,)``, and a device-side flag (or None) that
-    is False when ``cu_seqlens`` was malformed but unchecked.
-    """
-    n, vocab = hidden.shape[0], weight.shape[0]
-    validate = _validate_data()
-    if check and (labels.device.type == "cpu" or validate):
-        _check_labels(labels, vocab, ignore_index)
-    cu_checked = cu_seqlens.device.type == "cpu" or validate
-    if check and cu_checked:
-        _check_cu_seqlens(cu_seqlens, n)
-    cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
-    valid = labels != ignore_index
-    prefix = torch.zeros(n + 1, dtype=torch.int64, device=hidden.device)
-    torch.cumsum(valid, 0, out=prefix[1:])
-    count = prefix[n:]  # (1,) number of valid rows, on the device
-    if sync_free:
-        # Valid rows first, in order, then the ignored ones: a permutation built on the device.
-        idx = torch.arange(n, device=hidden.device)
-        pos = torch.where(valid, prefix[:-1], count + idx - prefix[:-1])
-        rows = torch.empty_like(idx).scatter_(0, pos, idx)
-    else:
-        # The device->host sync of each pass: the number of valid rows sizes every launch.
-        rows = valid.nonzero().squeeze(1)
-    seg = prefix[cu.clamp(0, n)]
-    cu_ok = None
-    if not cu_checked:
-        # No sync on CUDA: a malformed cu_seqlens turns the outputs into NaN instead.
-        cu_ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
-    bias = None if bias is None else bias.contiguous()  # kernels index bias densely
-    labels_c = labels.index_select(0, rows)
-    x = Rows(hidden, weight.contiguous(), bias, rows, labels_c, count if sync_free else None)
-    return x, seg, cu_ok
-
-
-def _scatter_rows(values: Tensor, x: Rows, n: int, dtype: torch.dtype) -> Tensor:
-    """Per-token values of the compacted rows back at their positions, 0 at ignored ones."""
-    values = values.to(dtype)
-    if x.count is not None:  # sync-free layout: the entries past the count are not results
-        keep = torch.arange(values.shape[0], device=values.device) < x.count
-        values = torch.where(keep, values, 0.0)
-    out = torch.zeros(n, dtype=dtype, device=values.device)
-    return out.index_copy_(0, x.rows, values)
 
 
 def _forward(
@@ -224,7 +152,7 @@ def _forward(
     )
     n, acc, device = hidden.shape[0], compute_dtype(hidden.dtype), hidden.device
     sync_free = _sync_free(backend, device)
-    x, seg, cu_ok = _compact(
+    x, seg, cu_ok = compact(
         hidden, weight, bias, labels, cu_seqlens, ignore_index, check=True, sync_free=sync_free
     )
     fields = ("logps",) + (STAT_FIELDS if with_stats else ())
@@ -243,7 +171,7 @@ def _forward(
             else:
                 tok = get(backend).forward(x, opts, with_stats)
     if per_token:
-        vals = [_scatter_rows(getattr(tok, f), x, n, acc) for f in fields]
+        vals = [scatter_rows(getattr(tok, f), x, n, acc) for f in fields]
         num_tokens = (labels != ignore_index).to(torch.int64)
     else:
         vals = [segment_sum(getattr(tok, f).to(acc), seg) for f in fields]
@@ -260,7 +188,7 @@ def _forward(
             hidden.new_empty(0, dtype=acc),
         ]
     logps, *stats = vals
-    return (logps, _scatter_rows(tok.lse, x, n, acc), num_tokens, *stats, jac)
+    return (logps, scatter_rows(tok.lse, x, n, acc), num_tokens, *stats, jac)
 
 
 _fwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_fwd", _forward, mutates_args=())
@@ -313,7 +241,7 @@ def _backward(
     )
     # The forward checked these very tensors (saved for backward): no second pass over them.
     sync_free = _sync_free(backend, hidden.device)
-    x, seg, _ = _compact(
+    x, seg, _ = compact(
         hidden, weight, bias, labels, cu_seqlens, ignore_index, check=False, sync_free=sync_free
     )
     needs = Needs(need_hidden, need_weight, need_bias)
@@ -518,6 +446,8 @@ def linear_logprobs(
     softcap: Optional[float] = None,
     return_stats: bool = False,
     backend: str = "auto",
+    vocab_parallel_group=None,
+    sequence_parallel_group=None,
 ):
     """Log-probs of ``labels`` under the head ``weight``, never materialising the logits.
 
@@ -536,6 +466,14 @@ def linear_logprobs(
     ``return_stats=True`` returns a :class:`LogProbStats` from the same pass. ``backend``:
     ``"auto"`` (Triton on CUDA, else the CPU backend), ``"triton"``, ``"cpp"`` or ``"torch"``.
     Under ``torch.autocast`` the inputs are cast to its dtype first, as ``F.linear`` does.
+
+    ``vocab_parallel_group`` (a ``torch.distributed`` process group): ``weight``/``bias`` are
+    this rank's contiguous shard of the vocabulary (shards in rank order, sizes may differ),
+    every rank passes the same ``hidden`` and ``labels`` (global ids) and gets the full result;
+    the gradient w.r.t. ``hidden`` is the full one on every rank (already summed over the
+    group), w.r.t. ``weight``/``bias`` the local shard's. ``sequence_parallel_group``: each
+    rank holds a slice of every sequence's tokens; the per-sequence sums (and the ``"mean"``)
+    are over all of them (see :mod:`dpo_kernels.distributed`).
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_args(
@@ -571,20 +509,47 @@ def linear_logprobs(
         autotune=_autotune_requested(),
     )
     chosen = resolve(backend, hidden.device, hidden.dtype)
-    jacobian = _frozen_path(chosen, hidden, weight, bias)
-    outs = _fwd_op(
-        hidden_2d,
-        weight,
-        bias,
-        labels_1d,
-        cu_seqlens,
-        *opts.op_args(),
-        per_token,
-        chosen.name,
-        bool(return_stats),
-        jacobian,
-    )
-    logps, _lse, num_tokens, logits_sum, entropy_sum, top1, lss, _jac = outs
+    if vocab_parallel_group is not None:
+        from .distributed import vocab_parallel_forward
+
+        outs = vocab_parallel_forward(
+            hidden_2d,
+            weight,
+            bias,
+            labels_1d,
+            cu_seqlens,
+            vocab_parallel_group,
+            opts,
+            chosen,
+            per_token,
+            bool(return_stats),
+        )
+        logps, num_tokens, logits_sum, entropy_sum, top1, lss = outs
+    else:
+        jacobian = _frozen_path(chosen, hidden, weight, bias)
+        outs = _fwd_op(
+            hidden_2d,
+            weight,
+            bias,
+            labels_1d,
+            cu_seqlens,
+            *opts.op_args(),
+            per_token,
+            chosen.name,
+            bool(return_stats),
+            jacobian,
+        )
+        logps, _lse, num_tokens, logits_sum, entropy_sum, top1, lss, _jac = outs
+    if sequence_parallel_group is not None and not per_token:
+        from .distributed import sequence_parallel_sum
+
+        logps = sequence_parallel_sum(logps, sequence_parallel_group)
+        num_tokens = sequence_parallel_sum(num_tokens, sequence_parallel_group)
+        if return_stats:
+            logits_sum, entropy_sum, top1, lss = (
+                sequence_parallel_sum(t, sequence_parallel_group)
+                for t in (logits_sum, entropy_sum, top1, lss)
+            )
     if reduction == "mean":
         logps = logps / num_tokens.clamp(min=1)
     if per_token:

@@ -41,12 +41,13 @@ from .backend import (
     LogitOptions,
     Needs,
     Rows,
+    check_labels,
     chunk_budget_bytes,
     compute_dtype,
     resolve,
     segment_sum,
 )
-from .logprobs import LogProbStats, _autocast_inputs, _check_args, _check_labels, _per_row
+from .logprobs import LogProbStats, _autocast_inputs, _check_args, _per_row
 
 __all__ = ["LOSS_PATHS", "fused_pair_loss", "plan"]
 
@@ -265,7 +266,7 @@ def fused_pair_loss(
         backend,
     )
     if labels.device.type == "cpu":
-        _check_labels(labels, weight.shape[0], ignore_index)
+        check_labels(labels, weight.shape[0], ignore_index)
     opts = LogitOptions(
         ignore_index,
         float(temperature),

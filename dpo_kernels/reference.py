@@ -39,7 +39,7 @@ def _chunk_logits(hidden_c, weight_c, bias_c, opts: LogitOptions) -> torch.Tenso
 
 
 def token_results(z, safe_labels, out, with_stats: bool) -> torch.Tensor:
-    """Fills ``out (2 or 6, n)`` from one chunk's logits ``z (n, V)``: log-prob, log-sum-exp and
+    """Fills ``out (2 or 7, n)`` from one chunk's logits ``z (n, V)``: log-prob, log-sum-exp and
     the stats of :class:`~dpo_kernels.backend.TokenResult`; returns the log-sum-exp."""
     lse = torch.logsumexp(z, dim=-1)
     target = z.gather(1, safe_labels[:, None]).squeeze(1)
@@ -49,15 +49,24 @@ def token_results(z, safe_labels, out, with_stats: bool) -> torch.Tensor:
         p = torch.exp(z - lse[:, None])
         out[2] = z.mean(dim=-1)
         out[3] = lse - (p * z).sum(dim=-1)
-        out[4] = (target >= z.amax(dim=-1)).to(out.dtype)
+        zmax = z.amax(dim=-1)
+        out[4] = (target >= zmax).to(out.dtype)
         out[5] = torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse
+        out[6] = zmax
     return lse
 
 
-def logit_grad(z, lse, safe_labels, opts: LogitOptions) -> torch.Tensor:
+def _add_onehot(g, labels):
+    """``g += onehot(labels)`` in place; a label outside ``[0, V)`` adds nothing (the contract
+    of every backend's backward: a vocabulary-parallel call relies on it)."""
+    safe = labels.clamp(0, g.shape[1] - 1)
+    g.scatter_add_(1, safe[:, None], (safe == labels).to(g.dtype)[:, None])
+    return g
+
+
+def logit_grad(z, lse, labels, opts: LogitOptions) -> torch.Tensor:
     """``(onehot − softmax) · dz/dx`` of one chunk, in place of a new ``z``-shaped tensor."""
-    g = torch.exp(z - lse[:, None]).neg_()
-    g.scatter_add_(1, safe_labels[:, None], torch.ones_like(g[:, :1]))
+    g = _add_onehot(torch.exp(z - lse[:, None]).neg_(), labels)
     return g.mul_(opts.transform_grad(z))
 
 
@@ -71,7 +80,7 @@ def jacobian_forward(x: Rows, opts: LogitOptions, with_stats: bool, logits, jac_
     acc = compute_dtype(hidden.dtype)
     vocab, dim = weight.shape
     n = rows.shape[0]
-    out = torch.empty((6 if with_stats else 2, n), dtype=acc, device=hidden.device)
+    out = torch.empty((7 if with_stats else 2, n), dtype=acc, device=hidden.device)
     jac = None if jac_mm is None else torch.empty((n, dim), dtype=acc, device=hidden.device)
     bad = (labels < 0) | (labels >= vocab)
     safe_labels = labels.clamp(0, vocab - 1)
@@ -83,7 +92,7 @@ def jacobian_forward(x: Rows, opts: LogitOptions, with_stats: bool, logits, jac_
         if jac_mm is None:
             del z  # before the next chunk's logits exist: one chunk live at a time
             continue
-        g = logit_grad(z, lse, safe_labels[sl], opts)
+        g = logit_grad(z, lse, labels[sl], opts)
         del z
         if count is not None:  # sync-free layout: rows past the count get no gradient
             keep = torch.arange(s, s + g.shape[0], device=g.device) < count
@@ -118,7 +127,7 @@ class TorchBackend(Backend):
         vocab = weight.shape[0]
         h = hidden.index_select(0, rows).to(acc)
         z = _chunk_logits(h, weight.to(acc), None if bias is None else bias.to(acc), opts)
-        out = torch.empty((6 if with_stats else 2, rows.shape[0]), dtype=acc, device=h.device)
+        out = torch.empty((7 if with_stats else 2, rows.shape[0]), dtype=acc, device=h.device)
         token_results(z, labels.clamp(0, vocab - 1), out, with_stats)
         bad = (labels < 0) | (labels >= vocab)
         out[0] = torch.where(bad, float("nan"), out[0])
@@ -127,12 +136,10 @@ class TorchBackend(Backend):
     def backward_kept(self, x: Rows, kept, lse, grad, opts: LogitOptions, needs: Needs) -> Grads:
         hidden, weight, bias, rows, labels, _ = x
         acc = compute_dtype(hidden.dtype)
-        safe_labels = labels.clamp(0, weight.shape[0] - 1)
         # G = grad · (onehot − softmax) · dz/dx, in place of the kept logits where the transform's
         # derivative is a constant (one temporary of their size with softcap).
         dzdx = opts.transform_grad(kept) if opts.has_softcap else None
-        g = kept.sub_(lse.to(acc)[:, None]).exp_().neg_()
-        g.scatter_add_(1, safe_labels[:, None], torch.ones_like(g[:, :1]))
+        g = _add_onehot(kept.sub_(lse.to(acc)[:, None]).exp_().neg_(), labels)
         g = g.mul_(dzdx) if dzdx is not None else g.mul_(opts.pre_scale)
         del dzdx
         g.mul_(grad.to(acc)[:, None])
@@ -171,7 +178,6 @@ class TorchBackend(Backend):
             torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs.weight else None
         )
         d_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if needs.bias else None
-        safe_labels = labels.clamp(0, vocab - 1)
         n = rows.shape[0]
         step = _token_chunk(n, vocab, torch.finfo(acc).bits // 8)
         for s in range(0, n, step):
@@ -180,7 +186,7 @@ class TorchBackend(Backend):
             h = hidden.index_select(0, r).to(acc)
             z = _chunk_logits(h, weight_c, bias_c, opts)
             # d logp / d z = onehot - softmax; chain rule through the transform, times upstream.
-            g = logit_grad(z, lse[sl].to(acc), safe_labels[sl], opts)
+            g = logit_grad(z, lse[sl].to(acc), labels[sl], opts)
             g.mul_(grad[sl, None].to(acc))
             del z
             if needs.hidden:

@@ -21,7 +21,7 @@ from .tile import logits_tile
 # sum of p·z, sum of p², sum of z (all relative to the running max where it applies).
 _M, _S, _ZT, _PZ, _P2, _Z = (tl.constexpr(i) for i in range(6))
 # Rows of the per-token outputs, in the order of the fields of backend.TokenResult.
-_LOGP, _LSE, _MEAN, _ENT, _TOP1, _LSS = (tl.constexpr(i) for i in range(6))
+_LOGP, _LSE, _MEAN, _ENT, _TOP1, _LSS, _MAX = (tl.constexpr(i) for i in range(7))
 
 
 @triton.jit
@@ -126,7 +126,7 @@ def _fwd_partial_kernel(
 def _fwd_combine_kernel(
     PART,
     LABELS,
-    TOK,  # partials, compacted labels; TOK [6, Nv] out
+    TOK,  # partials, compacted labels; TOK [7, Nv] out
     COUNT,
     n_rows,
     n_splits,
@@ -172,6 +172,7 @@ def _fwd_combine_kernel(
         tl.store(TOK + _TOP1 * stride_tq + offs, tl.where(zt >= big_m, 1.0, 0.0), mask=mask)
         lss = tl.log(tl.where(mask, p2, 1.0)) - 2.0 * log_s
         tl.store(TOK + _LSS * stride_tq + offs, lss, mask=mask)
+        tl.store(TOK + _MAX * stride_tq + offs, big_m, mask=mask)
 
 
 def _count(x: Rows):
@@ -260,7 +261,7 @@ def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
     n_valid = _count(x)  # one device tensor for both launches
     part = _partials(x, opts, with_stats, cfg, n_valid)
     n_splits = part.shape[1]
-    n_out = 6 if with_stats else 2
+    n_out = 7 if with_stats else 2
     tok = torch.empty((n_out, n_rows), dtype=torch.float32, device=hidden.device)
     comb = policy.combine_config(hidden.device)
     block = comb.block_n
