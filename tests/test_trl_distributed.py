@@ -5,8 +5,9 @@ Two engines, each configured as a user configures it:
 
 - ``ddp``: plain multi-process ``DPOConfig(use_cpu=True)`` (accelerate's MULTI_CPU, DDP);
 - ``fsdp2``: ``DPOConfig(fsdp=True, fsdp_config={"fsdp_version": 2,
-  "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})``: ``fully_shard`` on the root and
-  each decoder layer, the policy and TRL's reference alike. accelerate 1.16 drops the FSDP plugin
+  "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})``: accelerate's ``fully_shard`` of
+  the policy (root, decoder layers, embeddings, norm and LM head as units) and TRL's
+  ``prepare_fsdp`` of the reference (root). accelerate 1.16 drops the FSDP plugin
   on a CPU-only host (it enables FSDP only for GPU-like process groups), so tests/trl_ranks.py
   promotes MULTI_CPU to FSDP exactly as ``AcceleratorState`` does on a GPU host; the rest is
   accelerate's and TRL's own code. The run checks that every parameter is a DTensor shard.
@@ -159,3 +160,58 @@ def test_two_steps_match_stock_trl(mode, tmp_path):
             assert _rel(got - init, want - init) <= RTOL, (name, _rel(got - init, want - init))
     assert len(moved) == len(initial), sorted(set(initial) - set(moved))
     assert _rel(stock["final"]["lm_head.weight"], initial["lm_head.weight"]) > 0.1
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _measure(path):
+    """``python -m tests.test_trl_distributed OUT.json``: both launches, the measured
+    differences written to OUT.json (the README's figures come from that file)."""
+    import json
+    import platform
+    import tempfile
+
+    import accelerate
+    import trl
+
+    rows = {}
+    for mode in ("ddp", "fsdp2"):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = _launch(mode, Path(tmp))
+        stock, ours, initial = result["stock"], result["ours"], result["initial"]
+        rows[mode] = {
+            "losses_stock": stock["losses"],
+            "losses_ours": ours["losses"],
+            "loss_max_rel_diff": max(
+                abs(a - b) / abs(b) for a, b in zip(ours["losses"], stock["losses"])
+            ),
+            "param_max_rel_diff": max(_rel(ours["final"][k], v) for k, v in stock["final"].items()),
+            "update_max_rel_diff": max(
+                _rel(ours["final"][k] - initial[k], v - initial[k])
+                for k, v in stock["final"].items()
+            ),
+            "fused_calls": ours["calls"],
+            "engine": {k: str(v) for k, v in ours["engine"].items()},
+        }
+    meta = {
+        "cpu": _cpu_name() or platform.machine(),
+        "threads": os.cpu_count(),
+        "torch": torch.__version__,
+        "trl": trl.__version__,
+        "accelerate": accelerate.__version__,
+        "command": "python -m tests.test_trl_distributed " + str(path),
+    }
+    Path(path).write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
+    print(json.dumps({m: {k: r[k] for k in r if k.endswith("diff")} for m, r in rows.items()}))
+
+
+if __name__ == "__main__":
+    _measure(sys.argv[1])
