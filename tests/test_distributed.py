@@ -70,32 +70,44 @@ def _dpo(logps, ref, pairs=slice(None), beta=0.1):
     return -F.logsigmoid(beta * ((c - rc[pairs]) - (r - rr[pairs])))
 
 
-class _WithDPO(torch.nn.Module):
-    """A user's root module computing the DPO loss in its forward, with
-    :class:`dpo_kernels.FusedLinearDPOLoss` or from plain logits (the setup of a custom loop)."""
+class _WithLoss(torch.nn.Module):
+    """A user's root module computing a loss in its forward with a ``FusedLinear*Loss`` module
+    (DPO, SimPO or KTO), or the same loss from plain logits (the setup of a custom loop)."""
 
-    def __init__(self, hf, fused):
+    def __init__(self, hf, loss, fused):
         super().__init__()
         import dpo_kernels as dk
 
-        self.hf = hf
-        self.loss_fn = dk.FusedLinearDPOLoss(beta=0.1) if fused else None
+        self.hf, self.loss = hf, loss
+        modules = {
+            "dpo": lambda: dk.FusedLinearDPOLoss(beta=0.1),
+            "simpo": lambda: dk.FusedLinearSimPOLoss(beta=0.1, compute_nll_loss=False),
+            "kto": lambda: dk.FusedLinearKTOLoss(beta=0.1),
+        }
+        self.loss_fn = modules[loss]() if fused else None
 
     def forward(self, ids, attention, completion, ref):
+        import dpo_kernels as dk
+
         hidden = self.hf.model(input_ids=ids, attention_mask=attention).last_hidden_state
+        mask = (attention * completion)[:, 1:].bool()
+        desirable = torch.arange(ids.shape[0]) % 3 != 1
         if self.loss_fn is None:
             logps = _plain_logps(self.hf.lm_head(hidden), ids, attention, completion)
-            return _dpo(logps, ref).mean()
-        target = ids[:, 1:].masked_fill(~(attention * completion)[:, 1:].bool(), -100)
-        c, r = ref.chunk(2)
-        loss, _ = self.loss_fn(
-            self.hf.lm_head.weight,
-            hidden[:, :-1],
-            target,
-            ref_chosen_logps=c,
-            ref_rejected_logps=r,
-        )
-        return loss
+            if self.loss == "dpo":
+                return _dpo(logps, ref).mean()
+            if self.loss == "simpo":
+                avg = logps / mask.sum(1).clamp(min=1)
+                return dk.simpo_loss(*avg.chunk(2), beta=0.1).losses.mean()
+            return dk.kto_loss(logps, ref, desirable, beta=0.1).losses.mean()
+        target = ids[:, 1:].masked_fill(~mask, -100)
+        weight, h = self.hf.lm_head.weight, hidden[:, :-1]
+        if self.loss == "dpo":
+            c, r = ref.chunk(2)
+            return self.loss_fn(weight, h, target, ref_chosen_logps=c, ref_rejected_logps=r)[0]
+        if self.loss == "simpo":
+            return self.loss_fn(weight, h, target)[0]
+        return self.loss_fn(h, weight, target, preference_labels=desirable, ref_logps=ref)[0]
 
 
 def _wrap(engine, root, hf, opts, world):
@@ -171,9 +183,9 @@ def _step(engine, kind, opts, rank, world, fused):
 
     hf = _hf(opts.get("tied", False))
     ids, attention, completion, ref, weights = _rank_batch(rank)
-    root = _WithDPO(hf, fused) if kind == "module" else hf
+    root = _WithLoss(hf, kind.split("_")[1], fused) if kind.startswith("module") else hf
     model = _wrap(engine, root, hf, opts, world)
-    if kind == "module":
+    if kind.startswith("module"):
         loss = model(ids, attention, completion, ref)
     elif not fused:
         out = model(input_ids=ids, attention_mask=attention)
@@ -215,18 +227,21 @@ def _engine_worker(rank, world, engine, cases):
             failures.append(f"{what}: loss {got_loss.item()} != {want_loss.item()}")
         assert set(got) == set(want), what
         for name, g in want.items():
-            # fp32: the fused op and plain logits sum the same terms in different orders
+            # fp32: the fused op and plain logits sum the same terms in different orders. Most
+            # parameters agree to ~1e-6; a layer-0 k_proj under KTO (a small gradient through the
+            # attention softmax) reaches 2.6e-5 under DDP and FSDP2 alike, so the bound is 1e-4,
+            # the TRL parity tests' bound. A wrong head reduction is off by 0.8-1.0.
             err = (got[name] - g).norm() / g.norm().clamp_min(1e-30)
-            if not err <= 2e-5:
+            if not err <= 1e-4:
                 failures.append(f"{what}: {name} relative error {err.item():.2e}")
-        head = "hf.lm_head.weight" if kind == "module" else "lm_head.weight"
+        head = "hf.lm_head.weight" if kind.startswith("module") else "lm_head.weight"
         if opts.get("tied"):
             head = head.replace("lm_head", "model.embed_tokens")
         assert want[head].norm() > 0, f"{what}: the head got no gradient, the test proves nothing"
     assert not failures, f"rank {rank}:\n" + "\n".join(failures)
 
 
-KINDS = ("logprobs", "pair", "module")
+KINDS = ("logprobs", "pair", "module_dpo", "module_simpo", "module_kto")
 
 
 def _cases(*option_sets):
@@ -248,6 +263,11 @@ def test_fsdp2():
     )
     cases += [(kind, {"head_unit": True}) for kind in ("logprobs", "pair")]
     run_ranks(_engine_worker, 2, "fsdp2", cases)
+
+
+def test_fsdp2_three_ranks():
+    """Three ranks: the vocabulary (89 rows) and every other dimension split unevenly."""
+    run_ranks(_engine_worker, 3, "fsdp2", [("logprobs", {}), ("pair", {}), ("module_dpo", {})])
 
 
 def test_deepspeed_zero3():
