@@ -291,3 +291,64 @@ def _rank_main(rank, fn, world_size, init_file, timeout, args):
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- a tiny TRL setup
+
+TRL_WORDS = [f"w{i}" for i in range(60)]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``<pad> <eos> <unk>`` and TRL_WORDS (built in code)."""
+    import tokenizers
+    import transformers
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *TRL_WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def tiny_preference_dataset(rows=8):
+    """``rows`` random prompt / chosen / rejected triples of TRL_WORDS (fixed seed)."""
+    import datasets
+
+    g = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(TRL_WORDS[i] for i in torch.randint(0, len(TRL_WORDS), (n,), generator=g))
+
+    out = []
+    for _ in range(rows):
+        p, c, r = (int(x) for x in torch.randint(2, 9, (3,), generator=g))
+        out.append({"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)})
+    return datasets.Dataset.from_list(out)
+
+
+def tiny_policy_and_reference(tokenizer, seed=0):
+    """A tiny random fp32 Llama and a reference that differs from it by small noise (so
+    rewards and margins are not all zero)."""
+    import copy
+
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    policy = transformers.LlamaForCausalLM(config).float()
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return policy, reference

@@ -276,6 +276,6 @@ def test_deepspeed_zero3():
 
 
 def test_fsdp1():
-    cases = _cases({"orig": True}, {"orig": False})
+    cases = _cases({"orig": True}, {"orig": False}, {"orig": True, "tied": True})
     cases += [(kind, {"orig": False, "head_unit": True}) for kind in ("logprobs", "pair")]
     run_ranks(_engine_worker, 2, "fsdp1", cases)

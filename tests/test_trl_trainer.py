@@ -2,7 +2,6 @@
 (fp32, CPU): one batch gives the same loss, logged metrics and parameter gradients; training,
 precomputed reference log-probs and LoRA runs work."""
 
-import copy
 import math
 import warnings
 
@@ -16,58 +15,27 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
 
-WORDS = [f"w{i}" for i in range(60)]
+from .helpers import (  # noqa: E402
+    tiny_policy_and_reference,
+    tiny_preference_dataset,
+    tiny_tokenizer,
+)
+
 RTOL = 1e-4  # the issue's bound; measured differences are ~1e-6 (fp32 summation order)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    model = tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>")
-    tok = tokenizers.Tokenizer(model)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def dataset():
-    g = torch.Generator().manual_seed(0)
-
-    def words(n):
-        return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g))
-
-    rows = []
-    for _ in range(8):
-        p, c, r = (int(x) for x in torch.randint(2, 9, (3,), generator=g))
-        rows.append({"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)})
-    return datasets.Dataset.from_list(rows)
-
-
-def _models(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    policy = transformers.LlamaForCausalLM(config)
-    reference = copy.deepcopy(policy)
-    with torch.no_grad():  # a reference that differs, so rewards and margins are not all zero
-        for p in reference.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return policy, reference
+    return tiny_preference_dataset()
 
 
 def _trainer(cls, tokenizer, dataset, tmp_path, *, ref=True, peft_config=None, **config):
-    policy, reference = _models(tokenizer)
+    policy, reference = tiny_policy_and_reference(tokenizer)
     args = trl.DPOConfig(
         **{
             "output_dir": str(tmp_path),
@@ -240,7 +208,7 @@ def test_evaluate_matches_stock_trl(tokenizer, dataset, tmp_path):
 
 
 def test_sigmoid_label_smoothing_follows_trl_with_a_warning(tokenizer, dataset, tmp_path):
-    policy, reference = _models(tokenizer)
+    policy, reference = tiny_policy_and_reference(tokenizer)
     args = trl.DPOConfig(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, label_smoothing=0.2
     )

@@ -11,66 +11,18 @@ fused-path calls, and what the engine looked like (world size, backend, DTensor 
 Everything is built in-process: nothing is downloaded.
 """
 
-import copy
 import os
 import sys
 import warnings
 
-import datasets
-import tokenizers
 import torch
 import torch.distributed as dist
-import transformers
 import trl
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from dpo_kernels.integrations import trl as dk_trl
-
-WORDS = [f"w{i}" for i in range(60)]
-
-
-def _tokenizer():
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-
-
-def _dataset():
-    g = torch.Generator().manual_seed(0)
-
-    def words(n):
-        return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g))
-
-    rows = []
-    for _ in range(8):
-        p, c, r = (int(x) for x in torch.randint(2, 9, (3,), generator=g))
-        rows.append({"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)})
-    return datasets.Dataset.from_list(rows)
-
-
-def _models(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    policy = transformers.LlamaForCausalLM(config).float()
-    reference = copy.deepcopy(policy)
-    with torch.no_grad():  # a reference that differs, so rewards and margins are not all zero
-        for p in reference.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return policy, reference
+from tests.helpers import tiny_policy_and_reference, tiny_preference_dataset, tiny_tokenizer
 
 
 def _config(mode, output_dir):
@@ -134,7 +86,7 @@ def _full(p):
 
 
 def _run(cls, mode, out_dir, tokenizer, dataset):
-    policy, reference = _models(tokenizer)
+    policy, reference = tiny_policy_and_reference(tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = cls(
@@ -190,7 +142,7 @@ def main():
     assert mode in ("ddp", "fsdp2"), mode
     if mode == "fsdp2":
         _allow_fsdp_on_cpu()
-    tokenizer, dataset = _tokenizer(), _dataset()
+    tokenizer, dataset = tiny_tokenizer(), tiny_preference_dataset()
     out_dir = os.path.dirname(os.path.abspath(out_path))
 
     stock = _run(trl.DPOTrainer, mode, os.path.join(out_dir, "stock"), tokenizer, dataset)
@@ -212,7 +164,10 @@ def main():
     ours["calls"] = calls
 
     if dist.get_rank() == 0:
-        initial = {n: p.detach().clone() for n, p in _models(tokenizer)[0].named_parameters()}
+        initial = {
+            n: p.detach().clone()
+            for n, p in tiny_policy_and_reference(tokenizer)[0].named_parameters()
+        }
         torch.save({"mode": mode, "initial": initial, "stock": stock, "ours": ours}, out_path)
     dist.barrier()
     dist.destroy_process_group()
