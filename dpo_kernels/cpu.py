@@ -104,6 +104,110 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+# torch's loader guards a build with a file named "lock" in the build folder (its FileBaton:
+# created with O_EXCL, deleted when the build ends, and waited on by polling until it is gone).
+# A build that is killed leaves it behind and every later build waits on it forever. So every
+# build here first takes an flock on _FLOCK_NAME in the same folder: the kernel drops an flock
+# when its owner dies, so it never goes stale, and while we hold it a "lock" can only be stale.
+_FLOCK_NAME = "build.flock"
+_TORCH_LOCK_NAME = "lock"
+# How long to wait for another process's build; DPO_KERNELS_BUILD_TIMEOUT (seconds) overrides it.
+_BUILD_TIMEOUT_S = 15 * 60
+_POLL_S = 0.2
+
+
+def _build_timeout() -> float:
+    raw = os.environ.get("DPO_KERNELS_BUILD_TIMEOUT", "")
+    if not raw:
+        return float(_BUILD_TIMEOUT_S)
+    try:
+        return float(raw)
+    except ValueError:
+        raise BackendUnavailable(
+            f"DPO_KERNELS_BUILD_TIMEOUT must be a number of seconds, got {raw!r}"
+        ) from None
+
+
+def _acquire_build_flock(build_dir: Path) -> Optional[int]:
+    """Take an exclusive flock on ``build_dir/build.flock`` (one build of a build folder at a
+    time on this machine) and return its descriptor, for :func:`_release_build_flock`. Waits,
+    saying so once, for another process's build, up to ``DPO_KERNELS_BUILD_TIMEOUT`` seconds.
+    Without fcntl (Windows) or flock (some network filesystems) it locks nothing: None."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    import time
+
+    path = build_dir / _FLOCK_NAME
+    timeout = _build_timeout()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        start = time.monotonic()
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                pass
+            except OSError:  # no flock on this filesystem: build unlocked, as torch alone would
+                os.close(fd)
+                return None
+            if not waited:
+                waited = True
+                print(
+                    "dpo_kernels: waiting for another process building the C++ backend in "
+                    f"{build_dir} (up to {timeout:g} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if time.monotonic() - start >= timeout:
+                raise BackendUnavailable(
+                    f"waited {timeout:g} s for another process building the C++ backend in "
+                    f"{build_dir} (it holds {path}); set DPO_KERNELS_BUILD_TIMEOUT to wait longer"
+                )
+            time.sleep(_POLL_S)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _release_build_flock(fd: Optional[int]) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor of the open file drops its flock
+
+
+def _remove_stale_torch_lock(build_dir: Path) -> None:
+    # Called with the flock held: no live dpo_kernels build owns a torch "lock" now.
+    lock = build_dir / _TORCH_LOCK_NAME
+    if lock.exists():
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            return
+        print(
+            f"dpo_kernels: removed {lock}, left by a build that was interrupted; building again",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _load_built(name: str, built: Path):
+    """The module at ``built`` if it exists and loads, else None."""
+    if not built.exists():
+        return None
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except (ImportError, OSError):  # e.g. a link cut short: let ninja rebuild it
+        return None
+
+
 def _build():
     from torch.utils import cpp_extension
 
@@ -113,29 +217,32 @@ def _build():
     build_dir.mkdir(parents=True, exist_ok=True)
     name = f"dpo_kernels_cpu_{key}"
     built = build_dir / f"{name}.so"
-    if built.exists():  # the key covers sources, flags, torch and CPU: no need to ask ninja (~2 s)
-        import importlib.util
-
-        try:
-            spec = importlib.util.spec_from_file_location(name, built)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+    # The key covers sources, flags, torch and CPU: a built module needs no lock, nor ninja (~2 s).
+    module = _load_built(name, built)
+    if module is not None:
+        return module
+    fd = _acquire_build_flock(build_dir)
+    try:
+        module = _load_built(name, built)  # another process may have built it meanwhile
+        if module is not None:
             return module
-        except (ImportError, OSError):  # e.g. a link cut short: let ninja rebuild it
-            pass
-    print(
-        f"dpo_kernels: building the C++ CPU backend once (about a minute) in {build_dir}",
-        file=sys.stderr,
-        flush=True,
-    )
-    return cpp_extension.load(
-        name=name,
-        sources=[str(src / s) for s in SOURCES],
-        build_directory=str(build_dir),
-        extra_cflags=list(CFLAGS),
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+        if fd is not None:
+            _remove_stale_torch_lock(build_dir)
+        print(
+            f"dpo_kernels: building the C++ CPU backend once (about a minute) in {build_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in SOURCES],
+            build_directory=str(build_dir),
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    finally:
+        _release_build_flock(fd)
 
 
 def load():
