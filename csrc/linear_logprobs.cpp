@@ -40,8 +40,9 @@ namespace {
 
 // exp(x) in fp32 without a library call, so the row loops vectorise: Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6 polynomial for e^r (max relative error
-// ~2e-7 on [-87, 88]). Inputs below -87.3 give ~1e-38 instead of 0: far below any sum they join.
+// ~2e-7 on [-87, 88]). Inputs below -87.3 (and -inf: a masked lane) give exactly 0.
 inline float exp_f32(float x) {
+  const bool under = x < -87.3f;  // -inf included: exactly 0, so 0 * (x - m) can be skipped
   x = std::min(std::max(x, -87.3f), 88.7f);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f;
@@ -56,7 +57,7 @@ inline float exp_f32(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return under ? 0.f : p * scale;
 }
 
 // A new tensor backed by 2 MiB pages where the kernel allows it (transparent huge pages in
@@ -361,14 +362,19 @@ at::Tensor tile_logits(const Problem& p, const Chunk& c, int64_t t, int64_t b, i
 }
 
 // The row-state of the online log-sum-exp and statistics, one entry per compacted row; double
-// across chunks so that 100k-entry vocabularies sum accurately.
+// across chunks so that 100k-entry vocabularies sum accurately. Against the running maximum m:
+// s = sum e^(z-m), t = sum e^(z-m) (z-m) (so the entropy is log s - t/s, with no cancellation of
+// huge logits), s2 = sum e^(2(z-m)); sumz = sum z / V (each term scaled first, so the sum of
+// logits near the float limit cannot overflow). A -inf logit (a masked vocabulary lane) adds
+// nothing to any of them but sumz (which becomes -inf, the mean's limit).
 struct RowState {
-  std::vector<double> m, s, szx, s2, sumz;
+  std::vector<double> m, s, t, s2, sumz;
   std::vector<float> target, zmax;
-  explicit RowState(int64_t n)
-      : m(n, -std::numeric_limits<double>::infinity()), s(n, 0.0), szx(n, 0.0), s2(n, 0.0),
+  float inv_vocab;
+  RowState(int64_t n, float inv_v)
+      : m(n, -std::numeric_limits<double>::infinity()), s(n, 0.0), t(n, 0.0), s2(n, 0.0),
         sumz(n, 0.0), target(n, std::numeric_limits<float>::quiet_NaN()),
-        zmax(n, -std::numeric_limits<float>::infinity()) {}
+        zmax(n, -std::numeric_limits<float>::infinity()), inv_vocab(inv_v) {}
 };
 
 // exp(z - m) for z up to m + kSlack stays finite in fp32 (e^40 squared, summed over a chunk, is
@@ -376,42 +382,62 @@ struct RowState {
 // be summed against the old maximum in one pass and rescaled afterwards.
 constexpr float kSlack = 40.f;
 
-// Sum one row's exp(z - ref) (with stats also e*z and e^2) and z, and take its maximum, in one
-// vectorised pass. The plain sum of z also carries any NaN or infinity the vector max drops.
+// One row's chunk against a reference point ref, in one vectorised pass: s = sum e^(z-ref),
+// with stats t = sum e^(z-ref) (z-ref) (a zero e adds nothing, also where z - ref is -inf),
+// s2 = sum e^(2(z-ref)) and sz = sum z / V; its maximum; bad = how many logits are NaN or +inf
+// (the vector max drops NaN, so they are counted apart).
 struct ChunkSums {
-  float s = 0.f, szx = 0.f, s2 = 0.f, sz = 0.f, max = -std::numeric_limits<float>::infinity();
+  float s = 0.f, t = 0.f, s2 = 0.f, sz = 0.f, bad = 0.f;
+  float max = -std::numeric_limits<float>::infinity();
 };
 
-inline ChunkSums chunk_sums(const float* z, int64_t vc, float ref, bool with_stats) {
-  float cs = 0.f, czx = 0.f, cs2 = 0.f, cz = 0.f;
-  float cmax = -std::numeric_limits<float>::infinity();
+inline ChunkSums chunk_sums(const float* z, int64_t vc, float ref, bool with_stats, float inv_v) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  float cs = 0.f, ct = 0.f, cs2 = 0.f, cz = 0.f, cbad = 0.f;
+  float cmax = -inf;
   if (with_stats) {
-#pragma omp simd reduction(+ : cs, czx, cs2, cz) reduction(max : cmax)
+#pragma omp simd reduction(+ : cs, ct, cs2, cz, cbad) reduction(max : cmax)
     for (int64_t j = 0; j < vc; ++j) {
       const float x = z[j];
-      const float e = exp_f32(x - ref);
+      const float d = x - ref;
+      const float e = exp_f32(d);
       cs += e;
-      czx += e * x;
+      ct += e > 0.f ? e * d : 0.f;
       cs2 += e * e;
-      cz += x;
+      cz += x * inv_v;
       cmax = std::max(cmax, x);
+      cbad += (x != x || x == inf) ? 1.f : 0.f;
     }
   } else {
-#pragma omp simd reduction(+ : cs, cz) reduction(max : cmax)
+#pragma omp simd reduction(+ : cs, cbad) reduction(max : cmax)
     for (int64_t j = 0; j < vc; ++j) {
       const float x = z[j];
       cs += exp_f32(x - ref);
-      cz += x;
       cmax = std::max(cmax, x);
+      cbad += (x != x || x == inf) ? 1.f : 0.f;
     }
   }
   ChunkSums c;
   c.s = cs;
-  c.szx = czx;
+  c.t = ct;
   c.s2 = cs2;
   c.sz = cz;
+  c.bad = cbad;
   c.max = cmax;
   return c;
+}
+
+// Brings sums (s, t, s2) taken against m to the reference m_new >= m: factor a = e^(m - m_new),
+// and t gains (m - m_new) s. Sums of nothing (m = -inf) stay zero.
+inline void rebase(double m, double m_new, double& s, double& t, double& s2) {
+  if (!(m > -std::numeric_limits<double>::infinity())) {
+    s = t = s2 = 0.0;
+    return;
+  }
+  const double a = std::exp(m - m_new);
+  t = a > 0.0 ? a * (t + (m - m_new) * s) : 0.0;  // not 0 * inf when the old sums vanish
+  s *= a;
+  s2 *= a * a;
 }
 
 // Fold one row's chunk of logits z[0:vc] (columns c0..c0+vc of the vocabulary) into its state.
@@ -419,28 +445,30 @@ inline void fold_row(float* z, int64_t vc, int64_t c0, int64_t y, const Options&
                      RowState& st, int64_t i) {
   transform_row(z, vc, o);
   if (y >= c0 && y < c0 + vc) st.target[i] = z[y - c0];
+  if (std::isnan(st.m[i])) return;  // a NaN row stays NaN
   // One pass against the running maximum; a second, against the chunk's own maximum, only when
   // the chunk's maximum is too far above it (always on a row's first chunk).
   const bool first = !(st.m[i] > -std::numeric_limits<double>::infinity());
   float ref = first ? 0.f : static_cast<float>(st.m[i]);
-  ChunkSums c = chunk_sums(z, vc, ref, with_stats);
-  if (!std::isfinite(c.sz)) {  // a NaN or infinite logit makes the row NaN, never a number
+  ChunkSums c = chunk_sums(z, vc, ref, with_stats, st.inv_vocab);
+  if (c.bad > 0.f) {  // a NaN or +inf logit makes the row NaN, never a number
     st.m[i] = std::numeric_limits<double>::quiet_NaN();
     return;
   }
+  if (with_stats) st.sumz[i] += c.sz;
+  if (!(c.max > -std::numeric_limits<float>::infinity())) return;  // all -inf: adds nothing
   if (first || c.max > ref + kSlack) {
     ref = c.max;
-    c = chunk_sums(z, vc, ref, with_stats);
+    c = chunk_sums(z, vc, ref, with_stats, st.inv_vocab);
   }
   st.zmax[i] = std::max(st.zmax[i], c.max);
-  // Bring the row's sums and this chunk's to the larger of the two reference points.
   const double m_new = std::max(st.m[i], static_cast<double>(ref));
-  const double a_old = first ? 0.0 : std::exp(st.m[i] - m_new);
-  const double a_new = std::exp(static_cast<double>(ref) - m_new);
-  st.s[i] = st.s[i] * a_old + c.s * a_new;
-  st.szx[i] = st.szx[i] * a_old + c.szx * a_new;
-  st.s2[i] = st.s2[i] * a_old * a_old + c.s2 * a_new * a_new;
-  st.sumz[i] += c.sz;
+  rebase(st.m[i], m_new, st.s[i], st.t[i], st.s2[i]);
+  double cs = c.s, ct = c.t, cs2 = c.s2;
+  rebase(ref, m_new, cs, ct, cs2);
+  st.s[i] += cs;
+  st.t[i] += ct;
+  st.s2[i] += cs2;
   st.m[i] = m_new;
 }
 
@@ -451,13 +479,14 @@ void merge_rows(RowState& st, const RowState& o) {
   for (size_t i = 0; i < st.m.size(); ++i) {
     if (std::isnan(st.m[i]) || std::isnan(o.m[i])) {
       st.m[i] = std::numeric_limits<double>::quiet_NaN();
-    } else if (o.m[i] > ninf) {  // else o saw no chunk of this row: nothing to add
+    } else if (o.m[i] > ninf) {  // else o saw no finite logit of this row: nothing to add
       const double m_new = std::max(st.m[i], o.m[i]);
-      const double a = st.m[i] > ninf ? std::exp(st.m[i] - m_new) : 0.0;
-      const double b = std::exp(o.m[i] - m_new);
-      st.s[i] = st.s[i] * a + o.s[i] * b;
-      st.szx[i] = st.szx[i] * a + o.szx[i] * b;
-      st.s2[i] = st.s2[i] * a * a + o.s2[i] * b * b;
+      rebase(st.m[i], m_new, st.s[i], st.t[i], st.s2[i]);
+      double os = o.s[i], ot = o.t[i], os2 = o.s2[i];
+      rebase(o.m[i], m_new, os, ot, os2);
+      st.s[i] += os;
+      st.t[i] += ot;
+      st.s2[i] += os2;
       st.m[i] = m_new;
     }
     st.sumz[i] += o.sumz[i];
@@ -513,13 +542,14 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
   const int64_t nv = p.nv, vocab = p.vocab;
   if (keep) p.kept = empty_huge({nv, vocab}, p.hidden.options().dtype(at::kFloat));
   const int64_t* lab = p.labels.data_ptr<int64_t>();
-  RowState st(nv);
+  const float inv_v = 1.f / static_cast<float>(vocab);
+  RowState st(nv, inv_v);
 
   if (p.split) {
     // Each thread folds its share of the chunks, over all rows, into its own row-states, which
     // are then merged in thread order (the chunk-to-thread split is fixed by the thread count).
     const int64_t n_chunks = (vocab + p.vc_max - 1) / p.vc_max;
-    std::vector<RowState> part(p.n_threads, RowState(nv));
+    std::vector<RowState> part(p.n_threads, RowState(nv, inv_v));
     std::vector<char> used(p.n_threads, 0);
     at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
       const WorkerState worker(inference);
@@ -574,8 +604,8 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
     ptr[0][i] = ok ? static_cast<float>(static_cast<double>(st.target[i]) - l) : nan;  // logps
     ptr[1][i] = static_cast<float>(l);                                                 // lse
     if (with_stats) {
-      ptr[2][i] = static_cast<float>(st.sumz[i] / static_cast<double>(vocab));  // logits_sum
-      ptr[3][i] = static_cast<float>(l - st.szx[i] / st.s[i]);                   // entropy_sum
+      ptr[2][i] = static_cast<float>(st.sumz[i]);                                 // logits_sum
+      ptr[3][i] = static_cast<float>(std::log(st.s[i]) - st.t[i] / st.s[i]);     // entropy_sum
       ptr[4][i] = st.target[i] >= st.zmax[i] ? 1.f : 0.f;                        // top1_correct
       ptr[5][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // lss
       ptr[6][i] = st.zmax[i];                                                         // max_logit

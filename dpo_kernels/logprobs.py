@@ -29,6 +29,7 @@ from .backend import (
     resolve,
     scatter_rows,
     segment_sum,
+    validate_data,
 )
 
 REDUCTIONS = ("sum", "mean", "none")
@@ -114,6 +115,31 @@ def _autotune_requested() -> bool:
     return os.environ.get("DPO_KERNELS_AUTOTUNE", "0") == "1"
 
 
+def _check_overflow(lse: Tensor, x) -> None:
+    """A NaN or +inf log-sum-exp from inputs without NaN or infinities (bias may hold -inf) means
+    a logit overflowed the compute dtype: raise rather than return NaN that log_softmax in float64
+    would not give. (A row whose logits are all -inf, every lane masked, has lse = -inf, not NaN:
+    it gives NaN log-probs, as log_softmax does.) Free on CPU tensors; on CUDA it costs a host
+    sync, so it runs there only with ``DPO_KERNELS_VALIDATE=1``."""
+    rows = x.rows
+    if x.count is not None:  # sync-free layout: entries past the count are not results
+        n = int(x.count)
+        lse, rows = lse[:n], rows[:n]
+    if lse.numel() == 0 or not bool((torch.isnan(lse) | (lse == float("inf"))).any()):
+        return
+    rows = x.hidden.index_select(0, rows)
+    if not (bool(torch.isfinite(rows).all()) and bool(torch.isfinite(x.weight).all())):
+        return
+    if x.bias is not None and bool((torch.isnan(x.bias) | (x.bias == float("inf"))).any()):
+        return
+    big = torch.finfo(compute_dtype(x.hidden.dtype)).max
+    raise OverflowError(
+        f"logits overflow the {compute_dtype(x.hidden.dtype)} range (|logit| > {big:.3g}) for "
+        "finite inputs: scale hidden or weight down, lower logit_scale or raise the "
+        "temperature, or use float64 inputs (backend='torch')"
+    )
+
+
 def _sync_free(backend: str, device: torch.device) -> bool:
     """No host sync for this call: the backend takes a device-side row count, and the call runs
     under CUDA-graph capture (``torch.compile(mode="reduce-overhead")`` included) or the user
@@ -170,6 +196,8 @@ def _forward(
                 jac.index_copy_(0, x.rows, jac_c.to(acc))
             else:
                 tok = get(backend).forward(x, opts, with_stats)
+        if device.type == "cpu" or validate_data():
+            _check_overflow(tok.lse, x)
     if per_token:
         vals = [scatter_rows(getattr(tok, f), x, n, acc) for f in fields]
         num_tokens = (labels != ignore_index).to(torch.int64)

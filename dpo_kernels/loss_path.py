@@ -46,8 +46,9 @@ from .backend import (
     compute_dtype,
     resolve,
     segment_sum,
+    validate_data,
 )
-from .logprobs import LogProbStats, _autocast_inputs, _check_args, _per_row
+from .logprobs import LogProbStats, _autocast_inputs, _check_args, _check_overflow, _per_row
 
 __all__ = ["LOSS_PATHS", "fused_pair_loss", "plan"]
 
@@ -160,6 +161,8 @@ class _Job:
             x = Rows(h2, weight, bias, rows, labels.index_select(0, rows))
             if n_rows:
                 tok, kept = self.backend.forward_kept(x, self.opts, True)
+                if hidden.device.type == "cpu" or validate_data():
+                    _check_overflow(tok.lse, x)
                 fields = (tok.logps, tok.logits_sum, tok.entropy_sum)
                 fields += (tok.top1_correct, tok.log_sum_sq_probs_sum)
                 sums = [segment_sum(f.to(acc), seg) for f in fields]

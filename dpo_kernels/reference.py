@@ -46,12 +46,15 @@ def token_results(z, safe_labels, out, with_stats: bool) -> torch.Tensor:
     out[0] = target - lse
     out[1] = lse
     if with_stats:
-        p = torch.exp(z - lse[:, None])
-        out[2] = z.mean(dim=-1)
-        out[3] = lse - (p * z).sum(dim=-1)
+        # Everything relative to the log-sum-exp (log p <= 0): no overflow for logits near the
+        # float limit, no cancellation of huge terms; a -inf logit (p = 0) adds nothing.
+        logp = z - lse[:, None]
+        p = torch.exp(logp)
+        out[2] = (z * (1.0 / z.shape[1])).sum(dim=-1)  # each term scaled: no overflow
+        out[3] = -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
         zmax = z.amax(dim=-1)
         out[4] = (target >= zmax).to(out.dtype)
-        out[5] = torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse
+        out[5] = torch.logsumexp(2.0 * logp, dim=-1)
         out[6] = zmax
     return lse
 

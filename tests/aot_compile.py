@@ -107,7 +107,7 @@ def variants(arch):
             f32, i64 = _buf(torch.float32), _buf(torch.int64)
             name = f"fwd_partial[{dt},{precision},{flags}]"
             args = (h, w, w, i64, i64, f32, i64, N, D, V, splits, split, D, 1, D, 1)
-            args += (lanes * splits * N, N, 1.0, 1.0)
+            args += (lanes * splits * N, N, 1.0, 1.0, 1.0 / V)
             yield name, forward._fwd_partial_kernel, args, {**tiles, "HAS_STATS": has_stats}, cfg
             chunk = policy.vocab_chunk(N, V, item, cfg)
             group = policy.grad_group(cfg, D, item, lim)
@@ -118,7 +118,7 @@ def variants(arch):
     comb = policy.lookup("combine", torch.float32, cap)
     for has_stats in (True, False):
         f32, i64 = _buf(torch.float32), _buf(torch.int64)
-        args = (f32, i64, f32, i64, N, 8, V, 1.0 / V, 6 * 8 * N, N, N)  # 8 splits
+        args = (f32, i64, f32, i64, N, 8, V, 6 * 8 * N, N, N)  # 8 splits
         kw = dict(HAS_STATS=has_stats, BLOCK=comb.block_n, num_warps=comb.num_warps, num_stages=1)
         yield f"fwd_combine[{has_stats}]", forward._fwd_combine_kernel, args, kw, comb
 

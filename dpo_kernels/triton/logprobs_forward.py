@@ -17,8 +17,9 @@ from ..backend import LogitOptions, Rows, TokenResult
 from . import policy
 from .tile import logits_tile
 
-# Rows of the partials buffer: online max, sum of exp, target logit; with stats also
-# sum of p·z, sum of p², sum of z (all relative to the running max where it applies).
+# Rows of the partials buffer: online max m, s = Σ e^(z−m), target logit; with stats also
+# Σ e^(z−m)·(z−m), Σ e^(2(z−m)) and Σ z/V (each term scaled first: no overflow near the float
+# limit). A -inf logit (a masked vocabulary lane) adds nothing but -inf to Σ z/V.
 _M, _S, _ZT, _PZ, _P2, _Z = (tl.constexpr(i) for i in range(6))
 # Rows of the per-token outputs, in the order of the fields of backend.TokenResult.
 _LOGP, _LSE, _MEAN, _ENT, _TOP1, _LSS, _MAX = (tl.constexpr(i) for i in range(7))
@@ -46,6 +47,7 @@ def _fwd_partial_kernel(
     stride_ps,
     pre_scale,
     post_scale,
+    inv_V,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -100,16 +102,23 @@ def _fwd_partial_kernel(
             PRECISION,
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(p, axis=1)
         zt += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
         if HAS_STATS:
-            zf = tl.where(v_mask[None, :], z, 0.0)
-            pz = pz * alpha + tl.sum(p * zf, axis=1)
+            zs += tl.sum(tl.where(v_mask[None, :], z * inv_V, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # While every logit so far is -inf (masked lanes), subtract 0, not -inf (no NaN).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        z = z - m_ref[:, None]  # z - m from here on (z itself is no longer needed)
+        p = tl.exp(z)
+        s_old = s
+        s = s * alpha + tl.sum(p, axis=1)
+        if HAS_STATS:
+            # Σ e^(z−m)(z−m) brought to the new reference gains (m − m_new)·s; where the old sums
+            # vanish against the new maximum (or there are none yet), 0 (not 0·∞).
+            carried = tl.where(alpha > 0.0, alpha * (pz + (m - m_ref) * s_old), 0.0)
+            pz = carried + tl.sum(tl.where(p > 0.0, p * z, 0.0), axis=1)
             p2 = p2 * (alpha * alpha) + tl.sum(p * p, axis=1)
-            zs += tl.sum(zf, axis=1)
         m = m_new
 
     base = PART + pid_s * stride_ps + offs_n
@@ -131,7 +140,6 @@ def _fwd_combine_kernel(
     n_rows,
     n_splits,
     V,
-    inv_V,
     stride_pq,
     stride_ps,
     stride_tq,
@@ -144,6 +152,7 @@ def _fwd_combine_kernel(
     for k in range(n_splits):
         mk = tl.load(PART + _M * stride_pq + k * stride_ps + offs, mask=mask, other=0.0)
         big_m = tl.maximum(big_m, mk)
+    big_ref = tl.where(big_m == float("-inf"), 0.0, big_m)  # a row of -inf logits: no NaN
     s = tl.zeros([BLOCK], dtype=tl.float32)
     zt = tl.zeros([BLOCK], dtype=tl.float32)
     pz = tl.zeros([BLOCK], dtype=tl.float32)
@@ -151,11 +160,14 @@ def _fwd_combine_kernel(
     zs = tl.zeros([BLOCK], dtype=tl.float32)
     for k in range(n_splits):
         base = PART + k * stride_ps + offs
-        scale = tl.exp(tl.load(base + _M * stride_pq, mask=mask, other=0.0) - big_m)
-        s += tl.load(base + _S * stride_pq, mask=mask, other=0.0) * scale
+        mk = tl.load(base + _M * stride_pq, mask=mask, other=0.0)
+        scale = tl.exp(mk - big_ref)
+        sk = tl.load(base + _S * stride_pq, mask=mask, other=0.0)
+        s += sk * scale
         zt += tl.load(base + _ZT * stride_pq, mask=mask, other=0.0)
         if HAS_STATS:
-            pz += tl.load(base + _PZ * stride_pq, mask=mask, other=0.0) * scale
+            tk = tl.load(base + _PZ * stride_pq, mask=mask, other=0.0)
+            pz += tl.where(scale > 0.0, scale * (tk + (mk - big_ref) * sk), 0.0)
             p2 += tl.load(base + _P2 * stride_pq, mask=mask, other=0.0) * (scale * scale)
             zs += tl.load(base + _Z * stride_pq, mask=mask, other=0.0)
     s = tl.where(mask, s, 1.0)  # padding lanes: keep log() finite
@@ -167,8 +179,8 @@ def _fwd_combine_kernel(
     tl.store(TOK + _LOGP * stride_tq + offs, tl.where(bad, float("nan"), zt - lse), mask=mask)
     tl.store(TOK + _LSE * stride_tq + offs, lse, mask=mask)
     if HAS_STATS:
-        tl.store(TOK + _MEAN * stride_tq + offs, zs * inv_V, mask=mask)
-        tl.store(TOK + _ENT * stride_tq + offs, lse - pz / s, mask=mask)
+        tl.store(TOK + _MEAN * stride_tq + offs, zs, mask=mask)
+        tl.store(TOK + _ENT * stride_tq + offs, log_s - pz / s, mask=mask)
         tl.store(TOK + _TOP1 * stride_tq + offs, tl.where(zt >= big_m, 1.0, 0.0), mask=mask)
         lss = tl.log(tl.where(mask, p2, 1.0)) - 2.0 * log_s
         tl.store(TOK + _LSS * stride_tq + offs, lss, mask=mask)
@@ -238,6 +250,7 @@ def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg, n_valid):
         part.stride(1),
         opts.pre_scale,
         opts.post_scale,
+        1.0 / vocab,
         BLOCK_N=cfg.block_n,
         BLOCK_V=cfg.block_v,
         BLOCK_D=cfg.block_d,
@@ -273,7 +286,6 @@ def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
         n_rows,
         n_splits,
         vocab,
-        1.0 / vocab,
         part.stride(0),
         part.stride(1),
         tok.stride(0),
