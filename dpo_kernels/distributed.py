@@ -120,7 +120,9 @@ class _VocabParallelTokens(torch.autograd.Function):
     """Per-token log-probs (and stats) of the compacted rows over a vocab-sharded head."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, local, own, group, opts, backend, with_stats):
+    def forward(
+        ctx, hidden, weight, bias, rows, local, own, group, opts, backend, with_stats, vocab
+    ):
         x = Rows(hidden, weight, bias, rows, local)
         with torch.autocast(hidden.device.type, enabled=False):
             tok = backend.forward(x, opts, with_stats)
@@ -140,9 +142,15 @@ class _VocabParallelTokens(torch.autograd.Function):
         scale = torch.exp(lse_r - m)
         sums = [scale, target]
         if with_stats:
-            sums.append(scale * (lse_r - tok.entropy_sum))  # Σ_v e^{z−m} z over the shard
-            sums.append(torch.exp(tok.log_sum_sq_probs_sum + 2.0 * (lse_r - m)))  # Σ e^{2(z−m)}
-            sums.append(tok.logits_sum * weight.shape[0])  # Σ_v z over the shard
+            # Σ_v e^{z−m}(z−m) over the shard: its entropy relative to m, no huge cancellation;
+            # a shard whose lanes are all masked (lse_r = -inf) adds nothing (not 0·∞)
+            vanished = scale > 0
+            part = scale * ((lse_r - m) - tok.entropy_sum)
+            sums.append(torch.where(vanished, part, 0.0))
+            part = torch.exp(tok.log_sum_sq_probs_sum + 2.0 * (lse_r - m))  # Σ e^{2(z−m)}
+            sums.append(torch.where(vanished, part, 0.0))
+            # the shard's mean logit weighted by its share of the vocabulary (no overflow)
+            sums.append(tok.logits_sum * (weight.shape[0] / vocab))
         total = torch.stack(sums)
         dist.all_reduce(total, group=group)
         log_s = torch.log(total[0])
@@ -153,8 +161,8 @@ class _VocabParallelTokens(torch.autograd.Function):
         if not with_stats:
             return logps, None, None, None, None
         stats = (
-            total[4],  # Σ_v z: divided by the full vocab size by the caller
-            lse - total[2] / total[0],
+            total[4],
+            log_s - total[2] / total[0],
             ((big[2] > float("-inf")) & (big[2] >= big[1])).to(lse.dtype),
             torch.log(total[3]) - 2.0 * log_s,
         )
@@ -171,7 +179,7 @@ class _VocabParallelTokens(torch.autograd.Function):
         d_hidden = grads.hidden
         if d_hidden is not None:
             dist.all_reduce(d_hidden, group=ctx.group)  # the shards' pieces of dH = G·W
-        return d_hidden, grads.weight, grads.bias, None, None, None, None, None, None, None
+        return d_hidden, grads.weight, grads.bias, *([None] * 8)
 
 
 def vocab_parallel_forward(
@@ -213,12 +221,12 @@ def vocab_parallel_forward(
         )
     else:
         out = _VocabParallelTokens.apply(
-            hidden, x.weight, x.bias, rows, local, own, group, opts, backend, with_stats
+            hidden, x.weight, x.bias, rows, local, own, group, opts, backend, with_stats, vocab
         )
         tok = [out[0]]
         if with_stats:
             logits_sum, entropy, top1, lss = out[1:]
-            tok += [logits_sum / vocab, entropy, top1, lss]
+            tok += [logits_sum, entropy, top1, lss]
     if per_token:
         vals = [scatter_rows(t, x, n, acc) for t in tok]
         num_tokens = (labels != opts.ignore_index).to(torch.int64)

@@ -15,7 +15,7 @@ V, D = 89, 24
 SHARDS = {2: [30, 59], 3: [20, 40, 29]}  # uneven on purpose
 
 
-def _inputs(dtype, bias, packed, seed=0):
+def _inputs(dtype, bias, packed, seed=0, masked=False):
     g = torch.Generator().manual_seed(seed)
     b, t = 3, 9
     hidden = (torch.randn(b, t, D, generator=g) * 0.7).to(dtype)
@@ -24,6 +24,9 @@ def _inputs(dtype, bias, packed, seed=0):
     labels = torch.randint(0, V, (b, t), generator=g)
     labels[0, :4] = IGNORE  # a prompt
     labels[2] = IGNORE  # a sequence with nothing to score
+    if masked:  # the first 20 lanes masked: all of rank 0's shard on 3 ranks, part on 2
+        bias_t[:20] = float("-inf")
+        labels = torch.where(labels == IGNORE, labels, 20 + labels % (V - 20))
     # Some labels are the argmax (top-1 must be decided across the shards).
     z = hidden.double() @ weight.double().T
     if bias_t is not None:
@@ -60,6 +63,7 @@ CASES = [
     ("torch", torch.float64, True, None, "sum", False),
     ("torch", torch.float32, False, 3.0, "none", True),
     ("triton", torch.float32, True, None, "sum", False),
+    ("cpp", torch.float32, "masked", None, "sum", False),
 ]
 
 
@@ -75,7 +79,9 @@ def _vocab_worker(rank, world, cases):
         if backend == "triton" and not HAS_TRITON:
             continue
         what = f"rank {rank}/{world} {backend} {dtype} bias={bias} softcap={softcap} {reduction}"
-        hidden, weight, bias_t, labels, cu = _inputs(dtype, bias, packed)
+        hidden, weight, bias_t, labels, cu = _inputs(
+            dtype, bool(bias), packed, masked=bias == "masked"
+        )
         kw = dict(backend=backend, softcap=softcap, reduction=reduction, temperature=0.9)
         shape = labels.shape if reduction == "none" else (3,)
         up = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
