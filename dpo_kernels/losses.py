@@ -148,7 +148,10 @@ def _f_divergence_scores(logratios: Tensor, kind: str, alpha_coef: float) -> Ten
     # Clamp the exponent so exp() stays finite in the input dtype (TRL does the same).
     clamp_max = 11.0 if logratios.dtype == torch.float16 else 80.0
     wide = torch.promote_types(logratios.dtype, torch.float32)  # half inputs: exp() in fp32
-    t = ((alpha_coef - 1.0) * logratios).to(wide).clamp(max=clamp_max)
+    t = ((alpha_coef - 1.0) * logratios).to(wide)
+    # ... but not an infinite one: a log-ratio of ±inf (a log-prob of -inf) has an infinite score,
+    # and clamping it would turn it into a finite (wrong) loss.
+    t = torch.where(torch.isposinf(t), t, t.clamp(max=clamp_max))
     return (torch.exp(t) - 1.0).to(logratios.dtype) / (alpha_coef - 1.0)
 
 
@@ -161,8 +164,17 @@ def _smoothed_sigmoid(x: Tensor, eps: float) -> Tensor:
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 − exp(x)) for x ≤ 0, accurate near 0 and for very negative x."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 − exp(x)) for x ≤ 0, accurate near 0 and for very negative x.
+
+    Each branch sees only the inputs it is picked for, so neither back-propagates 0·∞ = NaN into
+    the result's gradient (log1p(−e^x) has an infinite slope where e^x rounds to 1). At x = 0 the
+    value is −inf (log 0) and the gradient 0: the odds of a log-prob of exactly 0 are infinite
+    and do not move with it, where 0·∞ would otherwise give NaN."""
+    near = x > -math.log(2)
+    zero = x == 0
+    a = torch.log(-torch.expm1(torch.where(near & ~zero, x, -1.0)))
+    b = torch.log1p(-torch.exp(torch.where(near, -1.0, x)))
+    return torch.where(zero, -math.inf, torch.where(near, a, b))
 
 
 def _per_token(score: Tensor, n: Tensor) -> Tensor:
@@ -339,7 +351,8 @@ def _discopop(p: _Pair) -> Tensor:
     """−log σ(x)·(1 − m) + e^(−x)·m with x = β·Δ, m = σ(x/τ): logistic/exponential blend"""
     x = p.beta * p.delta
     mix = torch.sigmoid(x / p.discopop_tau)
-    return -F.logsigmoid(x) * (1 - mix) + torch.exp(-x) * mix
+    # e^(−x)·m as exp(−x + log m): for x ≪ 0, e^(−x) overflows while m underflows to 0 (NaN).
+    return -F.logsigmoid(x) * (1 - mix) + torch.exp(F.logsigmoid(x / p.discopop_tau) - x)
 
 
 def _sft(p: _Pair) -> Tensor:
