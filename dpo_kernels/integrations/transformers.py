@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -380,6 +382,42 @@ def _backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
+_LOAD_BALANCING_ARGS = ["gate_logits", "num_experts", "top_k", "attention_mask"]
+
+
+def _router_aux_loss_spec(hf_model: nn.Module) -> tuple[Callable[..., Tensor], int, int]:
+    """``(load_balancing_loss_func, num_experts, top_k)`` as ``hf_model``'s forward uses them with
+    ``output_router_logits=True``: the function of its own modeling module (the first class of
+    its MRO whose module has one; else Mixtral's, which TRL uses for every family), the counts
+    from the model (``self.num_experts``) or else its text config (wrappers read them there)."""
+    func = None
+    for cls in type(hf_model).__mro__:
+        func = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if func is not None:
+            break
+    if func is None:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as func
+    if list(inspect.signature(func).parameters) != _LOAD_BALANCING_ARGS:
+        raise NotImplementedError(
+            f"the router auxiliary loss of {type(hf_model).__name__} is not the Switch-style "
+            "load_balancing_loss_func(gate_logits, num_experts, top_k, attention_mask) of the "
+            "decoder MoE families (Mixtral, Qwen-MoE, ...); dpo_kernels cannot reproduce it"
+        )
+    config = _text_config(hf_model)
+
+    def count(names):
+        for owner, name in ((hf_model, names[0]), *((config, n) for n in names)):
+            value = getattr(owner, name, None)
+            if isinstance(value, int):
+                return value
+        raise TypeError(
+            f"router_aux_loss=True, but {type(hf_model).__name__} declares no {names[0]} "
+            "(is it a Mixture-of-Experts model?)"
+        )
+
+    return func, count(["num_experts", "num_local_experts"]), count(["num_experts_per_tok"])
+
+
 def sequence_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -389,6 +427,7 @@ def sequence_logprobs(
     reduction: str = "sum",
     temperature: float = 1.0,
     backend: str = "auto",
+    router_aux_loss: bool = False,
     **model_kwargs: Any,
 ) -> LogProbStats:
     """Per-sequence log-probs of a causal LM's own tokens, with the fused op.
@@ -403,6 +442,11 @@ def sequence_logprobs(
     ``(B, T − 1)`` per token with ``reduction="none"``. ``model`` is a transformers causal LM,
     possibly inside PEFT / DDP / FSDP / DeepSpeed / ``torch.compile`` wrappers;
     ``model_kwargs`` go to its backbone (e.g. ``pixel_values``, ``position_ids``).
+
+    ``router_aux_loss=True`` (Mixture-of-Experts models): the backbone also returns its router
+    logits (``output_router_logits=True``) and the result is ``(stats, aux_loss)``, with
+    ``aux_loss`` the 0-d load-balancing loss exactly as the model's own forward computes it
+    (unscaled: multiply by ``router_aux_loss_coef`` yourself), with its gradient to the routers.
     """
     return _sequence_call(
         model,
@@ -414,6 +458,7 @@ def sequence_logprobs(
         backend,
         model_kwargs,
         None,
+        router_aux_loss=router_aux_loss,
     )
 
 
@@ -427,6 +472,7 @@ def sequence_pair_loss(
     separable: bool = True,
     temperature: float = 1.0,
     backend: str = "auto",
+    router_aux_loss: bool = False,
     **model_kwargs: Any,
 ) -> tuple[Optional[Tensor], LogProbStats]:
     """:func:`sequence_logprobs` of a batch of pairs (chosen sequences first) whose loss is known
@@ -439,7 +485,9 @@ def sequence_pair_loss(
     loss is a sum of per-pair terms. Returns ``(carrier, stats)``: on the path, a 0-d zero whose
     gradient is the loss's (add it to the loss computed from the detached ``stats``); where the
     path does not apply, ``None`` and ``stats`` whose ``logps`` carry the gradient as
-    :func:`sequence_logprobs`'s do.
+    :func:`sequence_logprobs`'s do. ``router_aux_loss=True``: ``(carrier, stats, aux_loss)``, the
+    MoE load-balancing loss as in :func:`sequence_logprobs` (not part of ``chunk_loss``: add
+    ``router_aux_loss_coef * aux_loss`` to the loss yourself).
     """
     return _sequence_call(
         model,
@@ -451,6 +499,7 @@ def sequence_pair_loss(
         backend,
         model_kwargs,
         (chunk_loss, separable),
+        router_aux_loss=router_aux_loss,
     )
 
 
@@ -464,9 +513,11 @@ def _sequence_call(
     backend,
     model_kwargs,
     pair,
+    *,
+    router_aux_loss=False,
 ):
     """The body of :func:`sequence_logprobs` and :func:`sequence_pair_loss` (``pair``: None, or
-    ``(chunk_loss, separable)``)."""
+    ``(chunk_loss, separable)``; ``router_aux_loss``: also return the MoE load-balancing loss)."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids must be a (B, T) tensor, got "
@@ -493,6 +544,9 @@ def _sequence_call(
         scored &= completion_mask.bool()
     labels = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)
     model_kwargs.setdefault("use_cache", False)
+    if router_aux_loss:
+        aux_loss_func, num_experts, top_k = _router_aux_loss_spec(hf_model)
+        model_kwargs["output_router_logits"] = True
 
     head_wrapper, head = _head_module(hf_model)
 
@@ -554,6 +608,19 @@ def _sequence_call(
     def fused_forward():
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return _call_through(head, head_wrapper, head_forward, hidden[:, :-1])
+        result = _call_through(head, head_wrapper, head_forward, hidden[:, :-1])
+        if not router_aux_loss:
+            return result
+        router_logits = getattr(out, "router_logits", None)
+        if isinstance(router_logits, list):
+            router_logits = tuple(router_logits)
+        if not isinstance(router_logits, tuple) or not router_logits:
+            raise ValueError(
+                f"router_aux_loss=True, but the backbone of {type(hf_model).__name__} returned no "
+                "router logits with output_router_logits=True"
+            )
+        # As the model's own forward: the attention mask it was given (None: every token counts).
+        aux_loss = aux_loss_func(router_logits, num_experts, top_k, attention_mask)
+        return (result, aux_loss) if pair is None else (*result, aux_loss)
 
     return _call_through(model, wrapper, fused_forward)

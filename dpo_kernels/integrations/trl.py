@@ -10,7 +10,10 @@ no per-token log-prob tensors), and the loss is :func:`dpo_kernels.preference_lo
 Supported: every ``loss_type`` (and lists with ``loss_weights``), ``beta``, ``label_smoothing``,
 ``f_divergence_type``, ``use_weighting``, ``ld_alpha``, ``discopop_tau``,
 ``precompute_ref_log_probs``, a separate ``ref_model`` or PEFT adapters (reference = adapters
-disabled, or the ``"ref"`` adapter when present, as TRL does).
+disabled, or the ``"ref"`` adapter when present, as TRL does), and Mixture-of-Experts models'
+router load-balancing loss (``router_aux_loss_coef`` with ``output_router_logits`` in the
+config): as in TRL, ``router_aux_loss_coef · aux_loss`` is added to the policy's loss and logged
+as ``aux_loss``, the loss computed from the backbone's router logits as the model's forward does.
 """
 
 from __future__ import annotations
@@ -70,12 +73,9 @@ class DPOTrainer(trl.DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.aux_loss_enabled:
-            raise NotImplementedError(
-                "the MoE router auxiliary loss (config.output_router_logits with "
-                "router_aux_loss_coef != 0) is not supported by dpo_kernels' DPOTrainer yet; set "
-                "DPOConfig(router_aux_loss_coef=0.0) or use trl.DPOTrainer"
-            )
+        # TRL's __init__ has set aux_loss_enabled (config.output_router_logits exists and
+        # router_aux_loss_coef != 0) and router_aux_loss_coef: the policy pass then also returns
+        # the MoE router load-balancing loss (see _compute_loss).
         self.loss_options = PreferenceOptions(
             loss_type=self.loss_types,
             beta=self.beta,
@@ -102,26 +102,29 @@ class DPOTrainer(trl.DPOTrainer):
 
     # ------------------------------------------------------------------ log-probs
 
-    def _sequence_pass(self, model, inputs):
-        """Per-sequence (logps as the loss uses them, raw sums, stats), chosen half first."""
+    def _sequence_pass(self, model, inputs, router_aux_loss=False):
+        """Per-sequence (logps as the loss uses them, stats), chosen half first; with
+        ``router_aux_loss``, the MoE router load-balancing loss is appended."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         ld = self.ld_alpha is not None
-        stats = sequence_logprobs(
+        out = sequence_logprobs(
             model,
             inputs["input_ids"],
             inputs.get("attention_mask"),
             inputs["completion_mask"],
             reduction="none" if ld else "sum",
             backend=self.logprobs_backend,
+            router_aux_loss=router_aux_loss,
             **model_kwargs,
         )
-        if not ld:
-            return stats.logps, stats
-        return _ld_sequence_stats(stats, self.ld_alpha)
+        stats, aux = out if router_aux_loss else (out, None)
+        logps, stats = (stats.logps, stats) if not ld else _ld_sequence_stats(stats, self.ld_alpha)
+        return (logps, stats, aux) if router_aux_loss else (logps, stats)
 
-    def _pair_pass(self, model, inputs, chunk_loss):
+    def _pair_pass(self, model, inputs, chunk_loss, router_aux_loss=False):
         """The policy pass with its loss known (the loss-level path where it applies):
-        ``(carrier or None, stats)`` of :func:`.transformers.sequence_pair_loss`."""
+        ``(carrier or None, stats)`` of :func:`.transformers.sequence_pair_loss`, and the MoE
+        router load-balancing loss appended with ``router_aux_loss``."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         return sequence_pair_loss(
             model,
@@ -131,6 +134,7 @@ class DPOTrainer(trl.DPOTrainer):
             chunk_loss,
             separable=self.loss_options.separable,
             backend=self.logprobs_backend,
+            router_aux_loss=router_aux_loss,
             **model_kwargs,
         )
 
@@ -198,22 +202,32 @@ class DPOTrainer(trl.DPOTrainer):
                 weights=weights,
             )
 
-        carrier = None
+        # MoE: the policy pass also returns the router load-balancing loss (from the backbone's
+        # router logits, as the model's forward computes it; the reference pass never does).
+        aux = self.aux_loss_enabled
+        carrier = aux_loss = None
         if self.ld_alpha is None:
             n_pairs = inputs["input_ids"].shape[0] // 2
 
             def chunk_loss(stats, pairs: slice):
                 return pair_losses(stats.logps, stats, pairs).losses.sum() / n_pairs
 
-            carrier, stats = self._pair_pass(model, inputs, chunk_loss)
+            carrier, stats, *rest = self._pair_pass(model, inputs, chunk_loss, aux)
             logps = stats.logps
         else:
-            logps, stats = self._sequence_pass(model, inputs)
+            logps, stats, *rest = self._sequence_pass(model, inputs, aux)
+        if aux:
+            (aux_loss,) = rest
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
         losses, chosen_rewards, rejected_rewards = pair_losses(logps, stats, slice(None))
         loss = losses.mean()
         if carrier is not None:  # the value from the detached log-probs, the gradient from the path
             loss = loss + carrier.to(loss.dtype)
+        if aux:  # as TRL 1.16: loss + coef · aux_loss, logged as "aux_loss" (before the rest)
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item()
+            )
 
         self._log_metrics(
             mode, inputs, stats, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards
