@@ -59,7 +59,9 @@ def _rank(rank, world, init, args, out):
     lo = sum(sizes[:rank])
     shard = weight[lo : lo + sizes[rank]].contiguous()
     dist.barrier()
-    times = _time(lambda: (_step(hidden, shard, labels, dist.group.WORLD), dist.barrier()), args.reps)
+    times = _time(
+        lambda: (_step(hidden, shard, labels, dist.group.WORLD), dist.barrier()), args.reps
+    )
     if rank == 0:
         torch.save(times, out)
     dist.destroy_process_group()
@@ -91,8 +93,11 @@ def main():
         "shape": {"N": args.n, "D": args.d, "V": args.v, "dtype": "float32"},
         "threads": threads,
         "cpu": next(
-            (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-             if ln.startswith("model name")),
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
             platform.machine(),
         ),
         "torch": torch.__version__,
