@@ -51,7 +51,7 @@ def token_results(z, safe_labels, out, with_stats: bool) -> torch.Tensor:
         logp = z - lse[:, None]
         p = torch.exp(logp)
         out[2] = (z * (1.0 / z.shape[1])).sum(dim=-1)  # each term scaled: no overflow
-        out[3] = -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
+        out[3] = -torch.where(p == 0, 0.0, p * logp).sum(dim=-1)
         zmax = z.amax(dim=-1)
         out[4] = (target >= zmax).to(out.dtype)
         out[5] = torch.logsumexp(2.0 * logp, dim=-1)

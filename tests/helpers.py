@@ -70,7 +70,7 @@ def naive_logprobs(
     stats = {
         "logits_sum": z.mean(-1),
         # p·log p → 0 where p = 0 (a -inf logit: a masked vocabulary lane), as its limit
-        "entropy_sum": -torch.where(p > 0, p * logp_all, 0.0).sum(-1),
+        "entropy_sum": -torch.where(p == 0, 0.0, p * logp_all).sum(-1),
         "top1_correct": (z.argmax(-1) == safe).to(z.dtype),
         "log_sum_sq_probs_sum": torch.logsumexp(2 * logp_all, dim=-1),
     }

@@ -261,3 +261,27 @@ def test_concurrent_calls_from_threads(case):
         out = dk.linear_logprobs(h, weight.to(device), labels.to(device), backend=backend)
         out.sum().backward()
         assert torch.equal(results[k][0], out.detach()) and torch.equal(results[k][1], h.grad)
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0])
+def test_masked_lane_with_nonpositive_logit_scale_is_nan_not_overflow(case, scale):
+    """A -inf bias lane times logit_scale <= 0 is a +inf or NaN logit from a non-finite input,
+    not an overflow: the rows are not finite (found by the fuzzer)."""
+    backend, device = case
+    hidden, weight, labels, _ = _inputs(device, torch.float32, n=5, v=7)
+    labels = labels.clamp(min=1)
+    bias = torch.zeros(7).index_fill(0, torch.tensor([0]), float("-inf"))
+    got = dk.linear_logprobs(
+        hidden.to(device),
+        weight.to(device),
+        labels.to(device),
+        bias.to(device),
+        logit_scale=scale,
+        backend=backend,
+        reduction="none",
+    )
+    want = naive_logprobs(hidden, weight, labels, bias, logit_scale=scale, reduction="none")
+    # float64 log_softmax gives NaN (inf - inf); -inf (the target's probability against a +inf
+    # lane) is the limit: either, never a finite number and never an OverflowError
+    assert torch.isnan(want["logps"]).all()
+    assert not torch.isfinite(got).any(), got
