@@ -331,8 +331,6 @@ def tiny_preference_dataset(rows=8):
 def tiny_policy_and_reference(tokenizer, seed=0):
     """A tiny random fp32 Llama and a reference that differs from it by small noise (so
     rewards and margins are not all zero)."""
-    import copy
-
     import transformers
 
     torch.manual_seed(seed)
@@ -348,8 +346,38 @@ def tiny_policy_and_reference(tokenizer, seed=0):
         bos_token_id=None,
     )
     policy = transformers.LlamaForCausalLM(config).float()
+    return policy, perturbed_copy(policy)
+
+
+def perturbed_copy(policy):
+    """A reference model: a copy of ``policy`` with small noise on every parameter (so rewards
+    and margins are not all zero)."""
+    import copy
+
     reference = copy.deepcopy(policy)
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    return policy, reference
+    return reference
+
+
+def tiny_dpo_config(output_dir, **config):
+    """The ``trl.DPOConfig`` of the one-batch TRL tests: fp32 on the CPU, 4 sequences a device,
+    every step logged, nothing saved; ``config`` overrides."""
+    import trl
+
+    return trl.DPOConfig(
+        **{
+            "output_dir": str(output_dir),
+            "report_to": "none",
+            "use_cpu": True,
+            "bf16": False,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "seed": 0,
+            "learning_rate": 1e-3,
+            "disable_tqdm": True,
+            **config,
+        }
+    )

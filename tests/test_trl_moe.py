@@ -3,7 +3,6 @@ load-balancing loss (``output_router_logits`` / ``router_aux_loss_coef``) is add
 stock trl.DPOTrainer does. Tiny random Mixtral / Qwen2-MoE / Qwen3-MoE in fp32 on CPU: one batch
 gives the same loss, logged metrics (``aux_loss`` included) and parameter gradients."""
 
-import copy
 import math
 import warnings
 
@@ -19,7 +18,13 @@ import dpo_kernels as dk  # noqa: E402
 from dpo_kernels.integrations import transformers as dk_hf  # noqa: E402
 from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
 
-from .helpers import tiny_policy_and_reference, tiny_preference_dataset, tiny_tokenizer  # noqa: E402
+from .helpers import (  # noqa: E402
+    perturbed_copy,
+    tiny_dpo_config,
+    tiny_policy_and_reference,
+    tiny_preference_dataset,
+    tiny_tokenizer,
+)
 
 RTOL = 1e-4  # the issue's bound
 
@@ -77,30 +82,12 @@ def _moe_policy_and_reference(tokenizer, family, seed=0, **config):
         }
     )
     policy = getattr(transformers, model_cls)(cfg).float()
-    reference = copy.deepcopy(policy)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return policy, reference
+    return policy, perturbed_copy(policy)
 
 
 def _trainer(cls, tokenizer, dataset, tmp_path, family="mixtral", model_config=None, **config):
     policy, reference = _moe_policy_and_reference(tokenizer, family, **(model_config or {}))
-    args = trl.DPOConfig(
-        **{
-            "output_dir": str(tmp_path),
-            "report_to": "none",
-            "use_cpu": True,
-            "bf16": False,
-            "per_device_train_batch_size": 4,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "seed": 0,
-            "learning_rate": 1e-3,
-            "disable_tqdm": True,
-            **config,
-        }
-    )
+    args = tiny_dpo_config(tmp_path, **config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cls(

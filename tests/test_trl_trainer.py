@@ -16,6 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
 
 from .helpers import (  # noqa: E402
+    tiny_dpo_config,
     tiny_policy_and_reference,
     tiny_preference_dataset,
     tiny_tokenizer,
@@ -36,21 +37,7 @@ def dataset():
 
 def _trainer(cls, tokenizer, dataset, tmp_path, *, ref=True, peft_config=None, **config):
     policy, reference = tiny_policy_and_reference(tokenizer)
-    args = trl.DPOConfig(
-        **{
-            "output_dir": str(tmp_path),
-            "report_to": "none",
-            "use_cpu": True,
-            "bf16": False,
-            "per_device_train_batch_size": 4,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "seed": 0,
-            "learning_rate": 1e-3,
-            "disable_tqdm": True,
-            **config,
-        }
-    )
+    args = tiny_dpo_config(tmp_path, **config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cls(
