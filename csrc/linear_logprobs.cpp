@@ -445,17 +445,28 @@ inline void fold_row(float* z, int64_t vc, int64_t c0, int64_t y, const Options&
                      RowState& st, int64_t i) {
   transform_row(z, vc, o);
   if (y >= c0 && y < c0 + vc) st.target[i] = z[y - c0];
-  if (std::isnan(st.m[i])) return;  // a NaN row stays NaN
+  if (std::isnan(st.m[i])) {  // a NaN row stays NaN; its mean and max logit see every lane
+    float cz = 0.f, cmax = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(+ : cz) reduction(max : cmax)
+    for (int64_t j = 0; j < vc; ++j) {
+      cz += z[j] * st.inv_vocab;
+      cmax = std::max(cmax, z[j]);
+    }
+    if (with_stats) st.sumz[i] += cz;
+    st.zmax[i] = std::max(st.zmax[i], cmax);
+    return;
+  }
   // One pass against the running maximum; a second, against the chunk's own maximum, only when
   // the chunk's maximum is too far above it (always on a row's first chunk).
   const bool first = !(st.m[i] > -std::numeric_limits<double>::infinity());
   float ref = first ? 0.f : static_cast<float>(st.m[i]);
   ChunkSums c = chunk_sums(z, vc, ref, with_stats, st.inv_vocab);
+  if (with_stats) st.sumz[i] += c.sz;  // +inf or NaN with such a logit, as the mean is
   if (c.bad > 0.f) {  // a NaN or +inf logit makes the row NaN, never a number
     st.m[i] = std::numeric_limits<double>::quiet_NaN();
+    st.zmax[i] = std::max(st.zmax[i], c.max);  // +inf where one is (for top1_correct)
     return;
   }
-  if (with_stats) st.sumz[i] += c.sz;
   if (!(c.max > -std::numeric_limits<float>::infinity())) return;  // all -inf: adds nothing
   if (first || c.max > ref + kSlack) {
     ref = c.max;
@@ -497,7 +508,9 @@ void merge_rows(RowState& st, const RowState& o) {
 
 // One row of raw logits (or, if transformed, of logits z) -> its logit gradient
 // g * (onehot - softmax) * dz/dx, in place.
-inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, float g,
+// p = exp((z - m) - log_s) in that order: as accurate as log_softmax, where one rounded
+// lse = m + log_s would carry u |lse| into every p (see backend.TokenResult).
+inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float m, float log_s, float g,
                      const Options& o, bool transformed) {
   const float pre = static_cast<float>(o.pre_scale), post = static_cast<float>(o.post_scale);
   if (!transformed) transform_row(z, vc, o);
@@ -505,7 +518,7 @@ inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, flo
   if (!o.softcap) {
     const float k = -g * pre;
 #pragma omp simd
-    for (int64_t j = 0; j < vc; ++j) z[j] = k * exp_f32(z[j] - lse);
+    for (int64_t j = 0; j < vc; ++j) z[j] = k * exp_f32((z[j] - m) - log_s);
     if (has_target) z[y - c0] += g * pre;
     return;
   }
@@ -518,7 +531,7 @@ inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, flo
 #pragma omp simd
   for (int64_t j = 0; j < vc; ++j) {
     const float t = z[j] / post;
-    z[j] = k * exp_f32(z[j] - lse) * (1.f - t * t);
+    z[j] = k * exp_f32((z[j] - m) - log_s) * (1.f - t * t);
   }
   if (has_target) z[y - c0] += tgt;
 }
@@ -526,8 +539,8 @@ inline void grad_row(float* z, int64_t vc, int64_t c0, int64_t y, float lse, flo
 }  // namespace
 
 // Per-token results on the compacted rows, in the order of the fields of dpo_kernels'
-// backend.TokenResult: logps, lse, and with stats logits_sum (the vocab-mean logit),
-// entropy_sum, top1_correct (0/1), log_sum_sq_probs_sum, max_logit; all fp32 (Nv,). A label outside
+// backend.TokenResult: logps, max_logit, log_s, and with stats logits_sum (the vocab-mean logit),
+// entropy_sum, top1_correct (0/1), log_sum_sq_probs_sum; all fp32 (Nv,). A label outside
 // [0, V) gives logps = NaN. With keep, one more: the logits z of every row, [Nv x V] fp32, for
 // the backward to read instead of recomputing them (the loss-level path).
 std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weight,
@@ -590,7 +603,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
   }
 
   const auto f32 = p.hidden.options().dtype(at::kFloat);
-  const int64_t n_out = with_stats ? 7 : 2;
+  const int64_t n_out = with_stats ? 7 : 3;
   std::vector<at::Tensor> out;
   std::vector<float*> ptr;
   for (int64_t k = 0; k < n_out; ++k) {
@@ -598,17 +611,24 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
     ptr.push_back(out.back().data_ptr<float>());
   }
   const float nan = std::numeric_limits<float>::quiet_NaN();
+  const double ninf = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < nv; ++i) {
-    const double l = st.m[i] + std::log(st.s[i]);
+    // The sums were taken against a reference point st.m within kSlack of the maximum zmax:
+    // log_s = log sum e^(z - zmax) = log s + (m - zmax), a difference of two floats (exact in
+    // double). A row of -inf logits (s = 0) has log_s = -inf, a NaN row max_logit NaN.
+    const bool nan_row = std::isnan(st.m[i]);
+    const double zmax = nan_row ? std::numeric_limits<double>::quiet_NaN() : st.zmax[i];
+    const double log_s = st.s[i] > 0.0 ? std::log(st.s[i]) + (st.m[i] - zmax) : ninf;
     const bool ok = lab[i] >= 0 && lab[i] < vocab;
-    ptr[0][i] = ok ? static_cast<float>(static_cast<double>(st.target[i]) - l) : nan;  // logps
-    ptr[1][i] = static_cast<float>(l);                                                 // lse
+    const double logp = (static_cast<double>(st.target[i]) - zmax) - log_s;
+    ptr[0][i] = ok ? static_cast<float>(logp) : nan;  // logps
+    ptr[1][i] = static_cast<float>(zmax);              // max_logit
+    ptr[2][i] = static_cast<float>(log_s);             // log_s
     if (with_stats) {
-      ptr[2][i] = static_cast<float>(st.sumz[i]);                                 // logits_sum
-      ptr[3][i] = static_cast<float>(std::log(st.s[i]) - st.t[i] / st.s[i]);     // entropy_sum
-      ptr[4][i] = st.target[i] >= st.zmax[i] ? 1.f : 0.f;                        // top1_correct
-      ptr[5][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // lss
-      ptr[6][i] = st.zmax[i];                                                         // max_logit
+      ptr[3][i] = static_cast<float>(st.sumz[i]);                                 // logits_sum
+      ptr[4][i] = static_cast<float>(std::log(st.s[i]) - st.t[i] / st.s[i]);     // entropy_sum
+      ptr[5][i] = st.target[i] >= st.zmax[i] ? 1.f : 0.f;                        // top1_correct
+      ptr[6][i] = static_cast<float>(std::log(st.s2[i]) - 2.0 * std::log(st.s[i]));  // lss
     }
   }
   if (keep) out.push_back(p.kept);
@@ -619,7 +639,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
 // empty tensor, dW (V x D, weight dtype) or empty, db (V,) or empty).
 std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, const at::Tensor& labels_c,
-                                 const at::Tensor& rows, const at::Tensor& lse_c,
+                                 const at::Tensor& rows, const at::Tensor& norm_c,
                                  const at::Tensor& grad_c, double pre_scale, double post_scale,
                                  bool softcap, bool need_h, bool need_w, bool need_b,
                                  int64_t chunk_v, int64_t tile_rows, bool native,
@@ -636,10 +656,11 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
     p.kept = kept->detach();  // overwritten with the logit gradient, tile by tile
   }
   const bool have = p.kept.defined();  // logits kept by the forward: no recompute
-  TORCH_CHECK(lse_c.dim() == 1 && lse_c.size(0) == nv && grad_c.dim() == 1 && grad_c.size(0) == nv,
-              "lse_c and grad_c must be 1-D with one value per row");
+  TORCH_CHECK(norm_c.dim() == 2 && norm_c.size(0) == 2 && norm_c.size(1) == nv &&
+                  grad_c.dim() == 1 && grad_c.size(0) == nv,
+              "norm_c must be (2, Nv) (max logit, log_s) and grad_c (Nv,)");
   TORCH_CHECK(!need_b || p.bias.has_value(), "need_b without a bias");
-  const at::Tensor lse = lse_c.to(at::kFloat).contiguous();
+  const at::Tensor norm = norm_c.to(at::kFloat).contiguous();
   const at::Tensor g = grad_c.to(at::kFloat).contiguous();
   const auto f32 = p.hidden.options().dtype(at::kFloat);
   const int64_t dq = p.dq;  // dim, or on the native path dim rounded up to whole 64-column blocks
@@ -679,7 +700,8 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
     }
   }
   const int64_t* lab = p.labels.data_ptr<int64_t>();
-  const float* lsp = lse.data_ptr<float>();
+  const float* mp = norm.data_ptr<float>();  // max logit per row, then log_s per row
+  const float* lsp = mp + nv;
   const float* gp = g.data_ptr<float>();
 
   if (p.split) {
@@ -707,7 +729,8 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
           float* zp = z.data_ptr<float>();
           for (int64_t i = 0; i < r; ++i) {
             const int64_t y = lab[r0 + i];  // outside [0, V): no one-hot term (see backend.py)
-            grad_row(zp + i * z.stride(0), c.vc, c.c0, y, lsp[r0 + i], gp[r0 + i], p.o, have);
+            grad_row(zp + i * z.stride(0), c.vc, c.c0, y, mp[r0 + i], lsp[r0 + i], gp[r0 + i], p.o,
+                     have);
           }
           if (need_h) dh_part[t].narrow(0, r0, r).addmm_(z, c.w);
           if (need_w) {
@@ -745,7 +768,7 @@ std::vector<at::Tensor> backward(const at::Tensor& hidden, const at::Tensor& wei
         for (int64_t k = 0; k < r; ++k) {
           const int64_t i = r0 + k;
           const int64_t y = lab[i];  // outside [0, V): no one-hot term
-          grad_row(zp + k * z.stride(0), vc, c0, y, lsp[i], gp[i], p.o, have);
+          grad_row(zp + k * z.stride(0), vc, c0, y, mp[i], lsp[i], gp[i], p.o, have);
         }
         if (p.native) {
           // G rounded to bf16 (zero padding stays zero), then dH[tile] += G W[chunk] on the
@@ -867,7 +890,7 @@ std::string bf16_units() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpo_kernels CPU backend: fused linear log-probs (forward and backward)";
-  m.def("forward", &forward, "per-token log-probs, lse and stats of the compacted rows");
+  m.def("forward", &forward, "per-token log-probs, softmax norm (max logit, log_s) and stats of the compacted rows");
   m.def("backward", &backward, "gradients of sum(grad_c * logp) w.r.t. hidden, weight, bias");
   m.def("bf16_units", &bf16_units, "the bf16 units of the native path here: amx, avx512_bf16 or ''");
 }

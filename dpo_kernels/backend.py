@@ -186,23 +186,33 @@ STAT_FIELDS = ("logits_sum", "entropy_sum", "top1_correct", "log_sum_sq_probs_su
 class TokenResult(NamedTuple):
     """Per-token forward results on the compacted rows, each ``(Nv,)`` in the compute dtype.
 
-    With ``z`` a token's logits and ``p = softmax(z)``: ``logps = z[label] − lse`` (NaN for a label
-    outside ``[0, V)``, never a plausible number), ``lse = logsumexp(z)`` (saved for the
-    backward); with stats, ``logits_sum = mean_v z_v``, ``entropy_sum = −Σ_v p_v log p_v``,
-    ``top1_correct`` 1.0 if the label has the largest logit else 0.0,
-    ``log_sum_sq_probs_sum = log Σ_v p_v²`` and ``max_logit = max_v z_v``; None without stats.
-    The names but the last are those of :class:`dpo_kernels.LogProbStats`, whose per-sequence
-    values are their sums; ``max_logit`` lets a vocabulary-parallel call (:mod:`dpo_kernels.
-    distributed`) decide ``top1_correct`` across the shards.
+    With ``z`` a token's logits and ``p = softmax(z)``: ``max_logit = m = max_v z_v`` and
+    ``log_s = log Σ_v exp(z_v − m)``, so ``logsumexp(z) = m + log_s``, kept apart: the softmax
+    normaliser the backward needs (:attr:`norm`). One rounded ``lse`` would carry an error of
+    ``u·|lse|`` into every ``p = exp(z − lse)`` (at ``|z| ≥ 1e8`` in float32 the whole ``log k``
+    of k tied top logits); ``(z − m) − log_s`` is as accurate as ``log_softmax``.
+    ``logps = (z[label] − m) − log_s`` (NaN for a label outside ``[0, V)``, never a plausible
+    number); with stats, ``logits_sum = mean_v z_v``, ``entropy_sum = −Σ_v p_v log p_v``,
+    ``top1_correct`` 1.0 if the label has the largest logit else 0.0 and
+    ``log_sum_sq_probs_sum = log Σ_v p_v²``; None without stats. Those names are the fields of
+    :class:`dpo_kernels.LogProbStats`, whose per-sequence values are their sums; ``max_logit``
+    also lets a vocabulary-parallel call (:mod:`dpo_kernels.distributed`) merge the shards and
+    decide ``top1_correct`` across them. A row of NaN (or +inf) logits has ``max_logit`` NaN
+    (or +inf); a row of -inf logits ``max_logit = log_s = -inf``.
     """
 
     logps: Tensor
-    lse: Tensor
+    max_logit: Tensor
+    log_s: Tensor
     logits_sum: Optional[Tensor] = None
     entropy_sum: Optional[Tensor] = None
     top1_correct: Optional[Tensor] = None
     log_sum_sq_probs_sum: Optional[Tensor] = None
-    max_logit: Optional[Tensor] = None
+
+    @property
+    def norm(self) -> Tensor:
+        """``(2, Nv)``: ``max_logit`` and ``log_s``, what :meth:`Backend.backward` takes."""
+        return torch.stack((self.max_logit, self.log_s))
 
 
 class Needs(NamedTuple):
@@ -254,13 +264,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def backward(
-        self, x: Rows, lse: Tensor, grad: Tensor, opts: LogitOptions, needs: Needs
+        self, x: Rows, norm: Tensor, grad: Tensor, opts: LogitOptions, needs: Needs
     ) -> Grads:
-        """Gradients of ``Σ_i grad[i] · logp_i``; ``lse (Nv,)`` is the forward's, ``grad (Nv,)``
-        the upstream gradient of each valid token's log-prob. Must recompute bit-identical
-        logits to the forward's. A label outside ``[0, V)`` contributes no one-hot term (its
-        row's logit gradient is ``−grad · softmax``): a vocabulary-parallel call passes such a
-        label for rows whose target lives on another shard, with the global ``lse``."""
+        """Gradients of ``Σ_i grad[i] · logp_i``; ``norm (2, Nv)`` is the forward's
+        :attr:`TokenResult.norm` (``m``, ``log_s``), ``grad (Nv,)`` the upstream gradient of
+        each valid token's log-prob; ``p = exp((z − m) − log_s)`` in that order. Must recompute
+        bit-identical logits to the forward's. A label outside ``[0, V)`` contributes no
+        one-hot term (its row's logit gradient is ``−grad · softmax``): a vocabulary-parallel
+        call passes such a label for rows whose target lives on another shard, with the global
+        ``norm``."""
 
     def forward_jacobian(self, x: Rows, opts: LogitOptions, with_stats: bool):
         """Frozen head: :meth:`forward`'s results and ``J (Nv, D)`` in the compute dtype, the
@@ -275,7 +287,7 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"backend {self.name!r} does not keep logits")
 
     def backward_kept(
-        self, x: Rows, kept: Tensor, lse: Tensor, grad: Tensor, opts: LogitOptions, needs: Needs
+        self, x: Rows, kept: Tensor, norm: Tensor, grad: Tensor, opts: LogitOptions, needs: Needs
     ) -> Grads:
         """:meth:`backward` from :meth:`forward_kept`'s logits instead of a recompute (4·N·D·V
         instead of 6). ``kept`` is the call's scratch: it is overwritten."""
@@ -425,8 +437,10 @@ def scatter_rows(values: Tensor, x: Rows, n: int, dtype: torch.dtype) -> Tensor:
 # ----------------------------------------------------------------------------- the reduction
 
 
-def segment_sum(x: Tensor, seg: Tensor) -> Tensor:
-    """Sums of ``x (Nv,)`` over the segments ``[seg[s], seg[s+1])``, ``(S,)`` in ``x``'s dtype.
+def segment_sum(x: Tensor, seg: Tensor, mean: bool = False) -> Tensor:
+    """Sums of ``x (Nv,)`` over the segments ``[seg[s], seg[s+1])``, ``(S,)`` in ``x``'s dtype;
+    with ``mean``, each sum divided by its segment's length (0 for an empty one) before the
+    rounding, so a mean is never the quotient of an overflowed sum.
 
     The one per-sequence reduction of every backend. Each segment is summed on its own (in
     float64, in a fixed order: deterministic on every device, no atomics, no host sync), so no
@@ -436,4 +450,6 @@ def segment_sum(x: Tensor, seg: Tensor) -> Tensor:
     if x.shape[0] == 0:
         return torch.zeros(seg.shape[0] - 1, dtype=x.dtype, device=x.device)
     sums = torch.segment_reduce(x.double(), "sum", offsets=seg, unsafe=True)
+    if mean:
+        sums = sums / (seg[1:] - seg[:-1]).clamp(min=1)
     return sums.to(x.dtype)

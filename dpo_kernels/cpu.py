@@ -427,13 +427,13 @@ class CppBackend(Backend):
             keep,
         )
 
-    def backward(self, x, lse, grad, opts, needs) -> Grads:
-        return self._backward(x, None, lse, grad, opts, needs)
+    def backward(self, x, norm, grad, opts, needs) -> Grads:
+        return self._backward(x, None, norm, grad, opts, needs)
 
-    def backward_kept(self, x, kept, lse, grad, opts, needs) -> Grads:
-        return self._backward(x, kept, lse, grad, opts, needs)
+    def backward_kept(self, x, kept, norm, grad, opts, needs) -> Grads:
+        return self._backward(x, kept, norm, grad, opts, needs)
 
-    def _backward(self, x, kept, lse, grad, opts, needs) -> Grads:
+    def _backward(self, x, kept, norm, grad, opts, needs) -> Grads:
         hidden, weight, bias, rows, labels, _ = x
         native = _native(hidden.dtype, weight.shape[1])
         cut = plan(rows.shape[0], weight.shape[0], weight.shape[1], native)
@@ -443,7 +443,7 @@ class CppBackend(Backend):
             bias,
             labels,
             rows,
-            lse,
+            norm,
             grad,
             opts.pre_scale,
             opts.post_scale,

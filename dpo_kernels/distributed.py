@@ -126,44 +126,46 @@ class _VocabParallelTokens(torch.autograd.Function):
         x = Rows(hidden, weight, bias, rows, local)
         with torch.autocast(hidden.device.type, enabled=False):
             tok = backend.forward(x, opts, with_stats)
-        lse_r = tok.lse
-        minus_inf = torch.full_like(lse_r, float("-inf"))
-        target = torch.where(own, tok.logps + lse_r, torch.zeros_like(lse_r))
-        maxes = [lse_r]
+        m_r, log_s_r = tok.max_logit, tok.log_s
+        minus_inf = torch.full_like(m_r, float("-inf"))
+        maxes = [m_r]
         if with_stats:
             # top-1: the label's logit (exact: it is its shard's max where it is that shard's
             # top-1) against the max logit of every other shard.
-            maxes.append(torch.where(own, minus_inf, tok.max_logit))
+            maxes.append(torch.where(own, minus_inf, m_r))
             mine = own & (tok.top1_correct > 0)
-            maxes.append(torch.where(mine, tok.max_logit, minus_inf))
+            maxes.append(torch.where(mine, m_r, minus_inf))
         big = torch.stack(maxes)
         dist.all_reduce(big, op=dist.ReduceOp.MAX, group=group)
         m = big[0]
-        scale = torch.exp(lse_r - m)
+        # The shard's log-sum-exp relative to the global maximum, and the target's logit
+        # z_t − m (z_t − m_r is the shard's logp + log_s_r): differences of nearby numbers, never
+        # a rounded log-sum-exp of the size of the logits.
+        rel = (m_r - m) + log_s_r
+        scale = torch.exp(rel)
+        target = torch.where(own, (tok.logps + log_s_r) + (m_r - m), torch.zeros_like(m_r))
         sums = [scale, target]
         if with_stats:
             # Σ_v e^{z−m}(z−m) over the shard: its entropy relative to m, no huge cancellation;
-            # a shard whose lanes are all masked (lse_r = -inf) adds nothing (not 0·∞)
+            # a shard whose lanes are all masked (rel = -inf) adds nothing (not 0·∞)
             vanished = scale > 0
-            part = scale * ((lse_r - m) - tok.entropy_sum)
-            sums.append(torch.where(vanished, part, 0.0))
-            part = torch.exp(tok.log_sum_sq_probs_sum + 2.0 * (lse_r - m))  # Σ e^{2(z−m)}
+            sums.append(torch.where(vanished, scale * (rel - tok.entropy_sum), 0.0))
+            part = torch.exp(tok.log_sum_sq_probs_sum + 2.0 * rel)  # Σ e^{2(z−m)}
             sums.append(torch.where(vanished, part, 0.0))
             # the shard's mean logit weighted by its share of the vocabulary (no overflow)
             sums.append(tok.logits_sum * (weight.shape[0] / vocab))
         total = torch.stack(sums)
         dist.all_reduce(total, group=group)
         log_s = torch.log(total[0])
-        lse = m + log_s
-        logps = total[1] - lse
-        ctx.save_for_backward(hidden, weight, bias, rows, local, lse)
+        logps = total[1] - log_s
+        ctx.save_for_backward(hidden, weight, bias, rows, local, torch.stack((m, log_s)))
         ctx.group, ctx.opts, ctx.backend = group, opts, backend
         if not with_stats:
             return logps, None, None, None, None
         stats = (
             total[4],
             log_s - total[2] / total[0],
-            ((big[2] > float("-inf")) & (big[2] >= big[1])).to(lse.dtype),
+            ((big[2] > float("-inf")) & (big[2] >= big[1])).to(logps.dtype),
             torch.log(total[3]) - 2.0 * log_s,
         )
         ctx.mark_non_differentiable(*stats)
@@ -171,11 +173,11 @@ class _VocabParallelTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, *_):
-        hidden, weight, bias, rows, local, lse = ctx.saved_tensors
+        hidden, weight, bias, rows, local, norm = ctx.saved_tensors
         needs = Needs(*ctx.needs_input_grad[:3])
         x = Rows(hidden, weight, bias, rows, local)
         with torch.autocast(hidden.device.type, enabled=False):
-            grads = ctx.backend.backward(x, lse, grad.contiguous(), ctx.opts, needs)
+            grads = ctx.backend.backward(x, norm, grad.contiguous(), ctx.opts, needs)
         d_hidden = grads.hidden
         if d_hidden is not None:
             dist.all_reduce(d_hidden, group=ctx.group)  # the shards' pieces of dH = G·W
@@ -191,7 +193,7 @@ def vocab_parallel_forward(
     group,
     opts: LogitOptions,
     backend: Backend,
-    per_token: bool,
+    reduction: str,
     with_stats: bool,
 ):
     """``linear_logprobs``'s outputs ``(logps, num_tokens, logits_sum, entropy_sum,
@@ -199,6 +201,7 @@ def vocab_parallel_forward(
     ``with_stats``); ``hidden (N, D)``, ``labels (N,)`` global ids, ``weight`` this rank's rows."""
     n = hidden.shape[0]
     acc = compute_dtype(hidden.dtype)
+    per_token = reduction == "none"
     x, seg, cu_ok = compact(
         hidden, weight, bias, labels, cu_seqlens, opts.ignore_index, check=False
     )
@@ -236,7 +239,7 @@ def vocab_parallel_forward(
             seg[1:] - seg[:-1],
             output_size=rows.shape[0],
         )
-        vals = [_SegmentSum.apply(tok[0], seg, seq_of_row)]
+        vals = [_SegmentSum.apply(tok[0], seg, seq_of_row, reduction == "mean")]
         vals += [segment_sum(t.to(acc), seg) for t in tok[1:]]
         num_tokens = seg[1:] - seg[:-1]
     if cu_ok is not None:
@@ -248,15 +251,18 @@ def vocab_parallel_forward(
 
 
 class _SegmentSum(torch.autograd.Function):
-    """:func:`~dpo_kernels.backend.segment_sum` (deterministic, float64 inside) with its
-    backward: each row gets its sequence's gradient."""
+    """:func:`~dpo_kernels.backend.segment_sum` (deterministic, float64 inside; the mean with
+    ``mean``) with its backward: each row gets its sequence's gradient (over its length)."""
 
     @staticmethod
-    def forward(ctx, values, seg, seq_of_row):
-        ctx.save_for_backward(seq_of_row)
-        return segment_sum(values, seg)
+    def forward(ctx, values, seg, seq_of_row, mean):
+        ctx.save_for_backward(seg, seq_of_row)
+        ctx.mean = mean
+        return segment_sum(values, seg, mean)
 
     @staticmethod
     def backward(ctx, grad):
-        (seq_of_row,) = ctx.saved_tensors
-        return grad.index_select(0, seq_of_row), None, None
+        seg, seq_of_row = ctx.saved_tensors
+        if ctx.mean:
+            grad = grad / (seg[1:] - seg[:-1]).clamp(min=1)
+        return grad.index_select(0, seq_of_row), None, None, None

@@ -115,17 +115,17 @@ def _autotune_requested() -> bool:
     return os.environ.get("DPO_KERNELS_AUTOTUNE", "0") == "1"
 
 
-def _check_overflow(lse: Tensor, x) -> None:
-    """A NaN or +inf log-sum-exp from inputs that are all finite means
-    a logit overflowed the compute dtype: raise rather than return NaN that log_softmax in float64
-    would not give. (A row whose logits are all -inf, every lane masked, has lse = -inf, not NaN:
-    it gives NaN log-probs, as log_softmax does.) Free on CPU tensors; on CUDA it costs a host
-    sync, so it runs there only with ``DPO_KERNELS_VALIDATE=1``."""
-    rows = x.rows
+def _check_overflow(tok: TokenResult, x) -> None:
+    """A NaN or infinite maximum logit (or a NaN ``log_s``) from inputs that are all finite
+    means a logit overflowed the compute dtype: raise rather than return NaN that log_softmax in
+    float64 would not give. (A row whose logits are all -inf because a bias masks every lane is
+    not finite input: it gives NaN log-probs, as log_softmax does.) Free on CPU tensors; on CUDA
+    it costs a host sync, so it runs there only with ``DPO_KERNELS_VALIDATE=1``."""
+    rows, m, log_s = x.rows, tok.max_logit, tok.log_s
     if x.count is not None:  # sync-free layout: entries past the count are not results
         n = int(x.count)
-        lse, rows = lse[:n], rows[:n]
-    if lse.numel() == 0 or not bool((torch.isnan(lse) | (lse == float("inf"))).any()):
+        m, log_s, rows = m[:n], log_s[:n], rows[:n]
+    if m.numel() == 0 or not bool((~torch.isfinite(m) | torch.isnan(log_s)).any()):
         return
     rows = x.hidden.index_select(0, rows)
     if not (bool(torch.isfinite(rows).all()) and bool(torch.isfinite(x.weight).all())):
@@ -164,19 +164,22 @@ def _forward(
     softcap: float,
     allow_tf32: bool,
     autotune: bool,
-    per_token: bool,
+    reduction: str,
     backend: str,
     with_stats: bool,
     jacobian: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(logps, lse, num_tokens, logits_sum, entropy_sum, top1_correct, log_sum_sq_probs_sum,
-    jac)`` per sequence (per token if ``per_token``; ``lse (N,)`` always per token); the stats
-    are empty without ``with_stats``; ``jac (N, D)`` (``d logp_t / d h_t``, 0 at ignored rows)
-    only with ``jacobian`` (the frozen-head path), else empty."""
+    """``(logps, norm, num_tokens, logits_sum, entropy_sum, top1_correct,
+    log_sum_sq_probs_sum, jac)`` per sequence (per token for ``reduction="none"``; ``logps``
+    the mean for ``"mean"``, the stats sums); ``norm (2, N)`` per token, the softmax normaliser
+    the backward needs (:attr:`TokenResult.norm`, 0 at ignored rows); the stats are empty
+    without ``with_stats``; ``jac (N, D)`` (``d logp_t / d h_t``, 0 at ignored rows) only with
+    ``jacobian`` (the frozen-head path), else empty."""
     opts = LogitOptions.from_op_args(
         ignore_index, temperature, logit_scale, softcap, allow_tf32, autotune
     )
     n, acc, device = hidden.shape[0], compute_dtype(hidden.dtype), hidden.device
+    per_token, mean = reduction == "none", reduction == "mean"
     sync_free = _sync_free(backend, device)
     x, seg, cu_ok = compact(
         hidden, weight, bias, labels, cu_seqlens, ignore_index, check=True, sync_free=sync_free
@@ -197,12 +200,13 @@ def _forward(
             else:
                 tok = get(backend).forward(x, opts, with_stats)
         if device.type == "cpu" or validate_data():
-            _check_overflow(tok.lse, x)
+            _check_overflow(tok, x)
     if per_token:
         vals = [scatter_rows(getattr(tok, f), x, n, acc) for f in fields]
         num_tokens = (labels != ignore_index).to(torch.int64)
     else:
-        vals = [segment_sum(getattr(tok, f).to(acc), seg) for f in fields]
+        # The mean divides the float64 sum: the mean of values near the float limit is finite.
+        vals = [segment_sum(getattr(tok, f).to(acc), seg, mean and f == "logps") for f in fields]
         num_tokens = seg[1:] - seg[:-1]
     if cu_ok is not None:
         vals = [torch.where(cu_ok, v, float("nan")) for v in vals]
@@ -216,7 +220,8 @@ def _forward(
             hidden.new_empty(0, dtype=acc),
         ]
     logps, *stats = vals
-    return (logps, scatter_rows(tok.lse, x, n, acc), num_tokens, *stats, jac)
+    norm = torch.stack([scatter_rows(t, x, n, acc) for t in (tok.max_logit, tok.log_s)])
+    return (logps, norm, num_tokens, *stats, jac)
 
 
 _fwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_fwd", _forward, mutates_args=())
@@ -224,13 +229,13 @@ _fwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_fwd", _forward, 
 
 @_fwd_op.register_fake
 def _forward_fake(hidden, weight, bias, labels, cu_seqlens, *scalars):
-    per_token, with_stats, jacobian = scalars[6], scalars[8], scalars[9]
+    reduction, with_stats, jacobian = scalars[6], scalars[8], scalars[9]
     acc, n = compute_dtype(hidden.dtype), hidden.shape[0]
-    m = n if per_token else cu_seqlens.shape[0] - 1
+    m = n if reduction == "none" else cu_seqlens.shape[0] - 1
     k = m if with_stats else 0
     return (
         hidden.new_empty(m, dtype=acc),
-        hidden.new_empty(n, dtype=acc),
+        hidden.new_empty((2, n), dtype=acc),
         hidden.new_empty(m, dtype=torch.int64),
         hidden.new_empty(k, dtype=acc),
         hidden.new_empty(k, dtype=acc),
@@ -242,7 +247,7 @@ def _forward_fake(hidden, weight, bias, labels, cu_seqlens, *scalars):
 
 def _backward(
     grad: Tensor,
-    lse: Tensor,
+    norm: Tensor,
     jac: Tensor,
     hidden: Tensor,
     weight: Tensor,
@@ -255,13 +260,16 @@ def _backward(
     softcap: float,
     allow_tf32: bool,
     autotune: bool,
-    per_token: bool,
+    reduction: str,
     backend: str,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``Σ grad · logps`` w.r.t. hidden, weight, bias (empty where not needed)."""
+    """Gradients of ``Σ grad · logps`` w.r.t. hidden, weight, bias (empty where not needed);
+    ``logps`` the per-sequence sums, also for ``reduction="mean"`` (the caller has divided
+    ``grad`` by the counts)."""
+    per_token = reduction == "none"
     if jac.numel() and not (need_weight or need_bias):
         return _jacobian_backward(grad, jac, hidden, labels, cu_seqlens, ignore_index, per_token)
     opts = LogitOptions.from_op_args(
@@ -287,7 +295,7 @@ def _backward(
         else:  # each valid token gets its sequence's gradient
             grad_c = _per_row(grad, seg, n_valid)
         with torch.autocast(hidden.device.type, enabled=False):
-            grads = get(backend).backward(x, lse.index_select(0, x.rows), grad_c, opts, needs)
+            grads = get(backend).backward(x, norm.index_select(1, x.rows), grad_c, opts, needs)
     # Custom-op outputs may not alias: each unneeded gradient is its own empty tensor.
     return tuple(g if need else hidden.new_empty(0) for g, need in zip(grads, needs))
 
@@ -315,7 +323,7 @@ _bwd_op = torch.library.custom_op("dpo_kernels::linear_logprobs_bwd", _backward,
 
 
 @_bwd_op.register_fake
-def _backward_fake(grad, lse, jac, hidden, weight, bias, *rest):
+def _backward_fake(grad, norm, jac, hidden, weight, bias, *rest):
     needs = rest[-3:]
     return tuple(
         torch.empty_like(t) if need else hidden.new_empty(0)
@@ -325,16 +333,20 @@ def _backward_fake(grad, lse, jac, hidden, weight, bias, *rest):
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, cu_seqlens, *scalars = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, output[1], output[7])
+    norm, num_tokens, jac = output[1], output[2], output[7]
+    ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, norm, num_tokens, jac)
     ctx.scalars = scalars[:-2]  # all but with_stats and jacobian: the backward sees jac itself
+    ctx.mean = scalars[6] == "mean"
     ctx.n_inputs = len(inputs)
 
 
 def _autograd_backward(ctx, grad_logps, *_grad_stats):
-    hidden, weight, bias, labels, cu_seqlens, lse, jac = ctx.saved_tensors
+    hidden, weight, bias, labels, cu_seqlens, norm, num_tokens, jac = ctx.saved_tensors
     needs = (*ctx.needs_input_grad[:2], ctx.needs_input_grad[2] and bias is not None)
+    if ctx.mean:  # d mean / d sum
+        grad_logps = grad_logps / num_tokens.clamp(min=1)
     grads = _bwd_op(
-        grad_logps, lse, jac, hidden, weight, bias, labels, cu_seqlens, *ctx.scalars, *needs
+        grad_logps, norm, jac, hidden, weight, bias, labels, cu_seqlens, *ctx.scalars, *needs
     )
     # Only hidden, weight and bias are differentiable; the rest of the inputs get None.
     return (
@@ -526,6 +538,10 @@ def linear_logprobs(
     hidden_2d = hidden.reshape(-1, dim)
     labels_1d = labels.reshape(-1).to(torch.int64)
     per_token = reduction == "none"
+    # The mean of a sequence sharded over ranks divides the all-reduced sum (below); else the op
+    # divides each float64 sum before rounding it.
+    split_mean = sequence_parallel_group is not None and reduction == "mean"
+    op_reduction = "sum" if split_mean else reduction
     opts = LogitOptions(
         ignore_index,
         float(temperature),
@@ -549,7 +565,7 @@ def linear_logprobs(
             vocab_parallel_group,
             opts,
             chosen,
-            per_token,
+            op_reduction,
             bool(return_stats),
         )
         logps, num_tokens, logits_sum, entropy_sum, top1, lss = outs
@@ -562,12 +578,12 @@ def linear_logprobs(
             labels_1d,
             cu_seqlens,
             *opts.op_args(),
-            per_token,
+            op_reduction,
             chosen.name,
             bool(return_stats),
             jacobian,
         )
-        logps, _lse, num_tokens, logits_sum, entropy_sum, top1, lss, _jac = outs
+        logps, _norm, num_tokens, logits_sum, entropy_sum, top1, lss, _jac = outs
     if sequence_parallel_group is not None and not per_token:
         from .distributed import sequence_parallel_sum
 
@@ -578,7 +594,7 @@ def linear_logprobs(
                 sequence_parallel_sum(t, sequence_parallel_group)
                 for t in (logits_sum, entropy_sum, top1, lss)
             )
-    if reduction == "mean":
+    if split_mean:
         logps = logps / num_tokens.clamp(min=1)
     if per_token:
         shape = labels.shape

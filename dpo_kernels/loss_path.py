@@ -19,8 +19,9 @@ upstream gradient of the loss.
 :func:`plan` says where it applies; elsewhere the modules take the recompute path (the plain op,
 the same values): ``DPO_KERNELS_LOSS_PATH=recompute`` forces that, and it is taken when
 
-- the backend does not keep logits (the Triton backend, for now), or the call is being traced
-  by ``torch.compile``, or no input needs a gradient;
+- the backend does not keep logits (all three do: C++, torch, and Triton, whose forward
+  kernel then also writes the fp32 logits and whose backward kernel reads them instead of
+  recomputing), or the call is being traced by ``torch.compile``, or no input needs a gradient;
 - one pair's logits alone exceed the budget;
 - the batch needs more than one chunk and the loss couples the pairs (``aot``,
   ``aot_unpaired`` and ``sft`` of the DPO family: a sort, or a batch mean, over all pairs), or
@@ -162,7 +163,7 @@ class _Job:
             if n_rows:
                 tok, kept = self.backend.forward_kept(x, self.opts, True)
                 if hidden.device.type == "cpu" or validate_data():
-                    _check_overflow(tok.lse, x)
+                    _check_overflow(tok, x)
                 fields = (tok.logps, tok.logits_sum, tok.entropy_sum)
                 fields += (tok.top1_correct, tok.log_sum_sq_probs_sum)
                 sums = [segment_sum(f.to(acc), seg) for f in fields]
@@ -182,7 +183,7 @@ class _Job:
                 continue
             g_seq = torch.zeros_like(leaf) if g_seq is None else g_seq.detach()
             got = self.backend.backward_kept(
-                x, kept, tok.lse, _per_row(g_seq, seg, n_rows), self.opts, self.needs
+                x, kept, tok.norm, _per_row(g_seq, seg, n_rows), self.opts, self.needs
             )
             del kept
             for k, g in enumerate(got):

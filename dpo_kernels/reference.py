@@ -39,24 +39,27 @@ def _chunk_logits(hidden_c, weight_c, bias_c, opts: LogitOptions) -> torch.Tenso
 
 
 def token_results(z, safe_labels, out, with_stats: bool) -> torch.Tensor:
-    """Fills ``out (2 or 7, n)`` from one chunk's logits ``z (n, V)``: log-prob, log-sum-exp and
-    the stats of :class:`~dpo_kernels.backend.TokenResult`; returns the log-sum-exp."""
-    lse = torch.logsumexp(z, dim=-1)
-    target = z.gather(1, safe_labels[:, None]).squeeze(1)
-    out[0] = target - lse
-    out[1] = lse
+    """Fills ``out (3 or 7, n)`` from one chunk's logits ``z (n, V)``: the fields of
+    :class:`~dpo_kernels.backend.TokenResult` (log-prob, max logit, ``log_s``, stats); returns
+    their norm ``(2, n)`` (a view of ``out``)."""
+    m = z.amax(dim=-1)
+    # Relative to the maximum (0 for a row of -inf logits: no NaN from -inf − -inf).
+    rel = z - torch.where(m == float("-inf"), 0.0, m)[:, None]
+    log_s = torch.log(torch.exp(rel).sum(dim=-1))
+    target = rel.gather(1, safe_labels[:, None]).squeeze(1)
+    out[0] = target - log_s  # (z_t − m) − log_s: no rounded log-sum-exp of |z|'s size
+    out[1] = m
+    out[2] = log_s
     if with_stats:
-        # Everything relative to the log-sum-exp (log p <= 0): no overflow for logits near the
+        # Everything relative to the maximum (log p <= 0): no overflow for logits near the
         # float limit, no cancellation of huge terms; a -inf logit (p = 0) adds nothing.
-        logp = z - lse[:, None]
+        logp = rel.sub_(log_s[:, None])
         p = torch.exp(logp)
-        out[2] = (z * (1.0 / z.shape[1])).sum(dim=-1)  # each term scaled: no overflow
-        out[3] = -torch.where(p == 0, 0.0, p * logp).sum(dim=-1)
-        zmax = z.amax(dim=-1)
-        out[4] = (target >= zmax).to(out.dtype)
-        out[5] = torch.logsumexp(2.0 * logp, dim=-1)
-        out[6] = zmax
-    return lse
+        out[3] = (z * (1.0 / z.shape[1])).sum(dim=-1)  # each term scaled: no overflow
+        out[4] = -torch.where(p == 0, 0.0, p * logp).sum(dim=-1)
+        out[5] = (z.gather(1, safe_labels[:, None]).squeeze(1) >= m).to(out.dtype)
+        out[6] = torch.logsumexp(2.0 * logp, dim=-1)
+    return out[1:3]
 
 
 def _add_onehot(g, labels):
@@ -67,9 +70,15 @@ def _add_onehot(g, labels):
     return g
 
 
-def logit_grad(z, lse, labels, opts: LogitOptions) -> torch.Tensor:
+def softmax_from(z, norm) -> torch.Tensor:
+    """``p = exp((z − m) − log_s)`` of one chunk from the forward's ``norm (2, n)``, in that
+    order (as accurate as ``log_softmax``), as a new tensor."""
+    return (z - norm[0][:, None]).sub_(norm[1][:, None]).exp_()
+
+
+def logit_grad(z, norm, labels, opts: LogitOptions) -> torch.Tensor:
     """``(onehot − softmax) · dz/dx`` of one chunk, in place of a new ``z``-shaped tensor."""
-    g = _add_onehot(torch.exp(z - lse[:, None]).neg_(), labels)
+    g = _add_onehot(softmax_from(z, norm).neg_(), labels)
     return g.mul_(opts.transform_grad(z))
 
 
@@ -83,7 +92,7 @@ def jacobian_forward(x: Rows, opts: LogitOptions, with_stats: bool, logits, jac_
     acc = compute_dtype(hidden.dtype)
     vocab, dim = weight.shape
     n = rows.shape[0]
-    out = torch.empty((7 if with_stats else 2, n), dtype=acc, device=hidden.device)
+    out = torch.empty((7 if with_stats else 3, n), dtype=acc, device=hidden.device)
     jac = None if jac_mm is None else torch.empty((n, dim), dtype=acc, device=hidden.device)
     bad = (labels < 0) | (labels >= vocab)
     safe_labels = labels.clamp(0, vocab - 1)
@@ -91,15 +100,15 @@ def jacobian_forward(x: Rows, opts: LogitOptions, with_stats: bool, logits, jac_
     for s in range(0, n, step):
         sl = slice(s, s + step)
         z = logits(hidden.index_select(0, rows[sl]))
-        lse = token_results(z, safe_labels[sl], out[:, sl], with_stats)
+        norm = token_results(z, safe_labels[sl], out[:, sl], with_stats)
         if jac_mm is None:
             del z  # before the next chunk's logits exist: one chunk live at a time
             continue
-        g = logit_grad(z, lse, labels[sl], opts)
+        g = logit_grad(z, norm, labels[sl], opts)
         del z
         if count is not None:  # sync-free layout: rows past the count get no gradient
             keep = torch.arange(s, s + g.shape[0], device=g.device) < count
-            g.mul_(keep[:, None])
+            g = torch.where(keep[:, None], g, 0.0)  # (not g·0: junk there may be NaN)
         jac[sl] = jac_mm(g)
         del g
     out[0] = torch.where(bad, float("nan"), out[0])
@@ -130,19 +139,21 @@ class TorchBackend(Backend):
         vocab = weight.shape[0]
         h = hidden.index_select(0, rows).to(acc)
         z = _chunk_logits(h, weight.to(acc), None if bias is None else bias.to(acc), opts)
-        out = torch.empty((7 if with_stats else 2, rows.shape[0]), dtype=acc, device=h.device)
+        out = torch.empty((7 if with_stats else 3, rows.shape[0]), dtype=acc, device=h.device)
         token_results(z, labels.clamp(0, vocab - 1), out, with_stats)
         bad = (labels < 0) | (labels >= vocab)
         out[0] = torch.where(bad, float("nan"), out[0])
         return TokenResult(*out.unbind()), z.contiguous()
 
-    def backward_kept(self, x: Rows, kept, lse, grad, opts: LogitOptions, needs: Needs) -> Grads:
+    def backward_kept(self, x: Rows, kept, norm, grad, opts: LogitOptions, needs: Needs) -> Grads:
         hidden, weight, bias, rows, labels, _ = x
         acc = compute_dtype(hidden.dtype)
         # G = grad · (onehot − softmax) · dz/dx, in place of the kept logits where the transform's
         # derivative is a constant (one temporary of their size with softcap).
         dzdx = opts.transform_grad(kept) if opts.has_softcap else None
-        g = _add_onehot(kept.sub_(lse.to(acc)[:, None]).exp_().neg_(), labels)
+        norm = norm.to(acc)
+        g = kept.sub_(norm[0][:, None]).sub_(norm[1][:, None]).exp_().neg_()
+        g = _add_onehot(g, labels)
         g = g.mul_(dzdx) if dzdx is not None else g.mul_(opts.pre_scale)
         del dzdx
         g.mul_(grad.to(acc)[:, None])
@@ -170,7 +181,7 @@ class TorchBackend(Backend):
         jac_mm = (lambda g: g @ weight_c) if jacobian else None
         return jacobian_forward(x, opts, with_stats, logits, jac_mm)
 
-    def backward(self, x: Rows, lse, grad, opts: LogitOptions, needs: Needs) -> Grads:
+    def backward(self, x: Rows, norm, grad, opts: LogitOptions, needs: Needs) -> Grads:
         hidden, weight, bias, rows, labels, _ = x
         acc = compute_dtype(hidden.dtype)
         vocab = weight.shape[0]
@@ -189,7 +200,7 @@ class TorchBackend(Backend):
             h = hidden.index_select(0, r).to(acc)
             z = _chunk_logits(h, weight_c, bias_c, opts)
             # d logp / d z = onehot - softmax; chain rule through the transform, times upstream.
-            g = logit_grad(z, lse[sl].to(acc), labels[sl], opts)
+            g = logit_grad(z, norm[:, sl].to(acc), labels[sl], opts)
             g.mul_(grad[sl, None].to(acc))
             del z
             if needs.hidden:

@@ -84,7 +84,7 @@ def variants(arch):
     ]:
         has_bias, has_softcap, has_stats = flags
         dt, item = TYPES[dtype], torch.tensor([], dtype=dtype).element_size()
-        cfg = policy.lookup("fused", dtype, cap)
+        cfg = base = policy.lookup("fused", dtype, cap)
         reason = policy.check(cfg, dtype, lim)
         assert reason is None, f"shipped fused config for {dt} on sm_{arch}: {reason}"
         tf32 = (False, True) if dtype == torch.float32 else (False,)
@@ -102,19 +102,29 @@ def variants(arch):
                 num_stages=cfg.num_stages,
             )
             lanes = 6 if has_stats else 3
-            splits, split = policy.vocab_splits(N, V, D, item, cfg, lim)
             h, w = _buf(dtype), _buf(dtype)
             f32, i64 = _buf(torch.float32), _buf(torch.int64)
-            name = f"fwd_partial[{dt},{precision},{flags}]"
-            args = (h, w, w, i64, i64, f32, i64, N, D, V, splits, split, D, 1, D, 1)
-            args += (lanes * splits * N, N, 1.0, 1.0, 1.0 / V)
-            yield name, forward._fwd_partial_kernel, args, {**tiles, "HAS_STATS": has_stats}, cfg
-            chunk = policy.vocab_chunk(N, V, item, cfg)
-            group = policy.grad_group(cfg, D, item, lim)
-            name = f"bwd_logit_grad[{dt},{precision},{flags[:2]}]"
-            args = (h, w, w, i64, f32, f32, _buf(dtype), i64, N, D, chunk, chunk, group)
-            args += (D, 1, D, 1, chunk, 1, 1.0, 1.0)
-            yield name, backward._bwd_logit_grad_kernel, args, tiles, cfg
+            # The loss-level path's variants (logits kept by the forward, read by the backward)
+            # with every option on: the most live values. Its forward runs policy.keep_config.
+            keeps = (False, True) if all(flags) else (False,)
+            for keep in keeps:
+                tag = ",keep" if keep else ""
+                fma = dtype == torch.float32 and precision == "ieee"
+                fcfg = policy.keep_config(base, fma=fma) if keep else base
+                splits, split = policy.vocab_splits(N, V, D, item, fcfg, lim)
+                name = f"fwd_partial[{dt},{precision},{flags}{tag}]"
+                args = (h, w, w, i64, i64, f32, f32, i64, N, D, V, splits, split, D, 1, D, 1)
+                args += (lanes * splits * N, N, V, 1.0, 1.0, 1.0 / V)
+                kw = {**tiles, "HAS_STATS": has_stats, "KEEP": keep}
+                kw.update(BLOCK_N=fcfg.block_n, num_warps=fcfg.num_warps)
+                yield name, forward._fwd_partial_kernel, args, kw, fcfg
+                chunk = policy.vocab_chunk(N, V, item, cfg)
+                group = policy.grad_group(cfg, D, item, lim)
+                name = f"bwd_logit_grad[{dt},{precision},{flags[:2]}{tag}]"
+                args = (h, w, w, i64, f32, f32, _buf(dtype), f32, i64, N, D, chunk, chunk, group)
+                args += (D, 1, D, 1, chunk, 1, V, 1.0, 1.0)
+                kw = {**tiles, "KEPT_LOGITS": keep}
+                yield name, backward._bwd_logit_grad_kernel, args, kw, cfg
     comb = policy.lookup("combine", torch.float32, cap)
     for has_stats in (True, False):
         f32, i64 = _buf(torch.float32), _buf(torch.int64)

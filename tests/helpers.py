@@ -290,6 +290,10 @@ def _rank_main(rank, fn, world_size, init_file, timeout, args):
     )
     try:
         fn(rank, world_size, *args)
+        # Every rank done before any tears its connections down: a rank that destroyed its group
+        # while a peer's gloo threads still talked to it aborted that peer once in a loaded full
+        # run ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

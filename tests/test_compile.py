@@ -45,7 +45,7 @@ def test_opcheck(case):
     hidden, weight, labels, bias, _ = make_inputs("padded", True, torch.float32, device)
     n, d = hidden.shape[0] * hidden.shape[1], hidden.shape[2]
     cu = torch.arange(hidden.shape[0] + 1, device=device) * hidden.shape[1]
-    for per_token in (False, True):
+    for reduction in ("sum", "mean", "none"):
         args = (
             hidden.reshape(n, d),
             weight,
@@ -58,7 +58,7 @@ def test_opcheck(case):
             0.0,
             False,  # allow_tf32
             False,  # autotune
-            per_token,
+            reduction,
             backend,
             True,
             False,  # jacobian

@@ -10,10 +10,12 @@ import dpo_kernels as dk
 from dpo_kernels import backend as backend_mod
 from dpo_kernels import loss_path
 
-from .helpers import IGNORE, AllocationRecorder, check_grad, naive_logprobs
+from .helpers import HAS_TRITON, IGNORE, INTERPRET, AllocationRecorder, check_grad, naive_logprobs
 
 PAIRS, T, D, V = 3, 13, 48, 1001
-BACKENDS = ["cpp", "torch"]
+# The tensors here are CPU tensors: Triton runs them under its interpreter (TRITON_INTERPRET=1,
+# the CPU test run); on a GPU machine tests/test_cuda.py runs it compiled.
+BACKENDS = ["cpp", "torch"] + (["triton"] if HAS_TRITON and INTERPRET else [])
 
 
 def make(dtype=torch.float32, pairs=PAIRS, t=T, d=D, v=V, bias=True, seed=0):

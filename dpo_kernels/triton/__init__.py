@@ -54,10 +54,22 @@ class TritonBackend(Backend):
 
         return forward(x, opts, with_stats)
 
-    def backward(self, x: Rows, lse, grad, opts: LogitOptions, needs: Needs) -> Grads:
+    def backward(self, x: Rows, norm, grad, opts: LogitOptions, needs: Needs) -> Grads:
         from .logprobs_backward import backward
 
-        return backward(x, lse, grad, opts, needs)
+        return backward(x, norm, grad, opts, needs)
+
+    keeps_logits = True
+
+    def forward_kept(self, x: Rows, opts: LogitOptions, with_stats: bool):
+        from .logprobs_forward import forward
+
+        return forward(x, opts, with_stats, keep=True)
+
+    def backward_kept(self, x: Rows, kept, norm, grad, opts: LogitOptions, needs: Needs) -> Grads:
+        from .logprobs_backward import backward
+
+        return backward(x, norm, grad, opts, needs, kept=kept)
 
 
 BACKEND = register(TritonBackend())

@@ -30,9 +30,10 @@ def _bwd_logit_grad_kernel(
     W,
     BIAS,
     LABELS,
-    LSE,
+    NORM,  # (2, Nv) fp32: max logit m, then log_s = log Σ e^(z−m)
     GRAD,
     G,  # compacted hidden (Nv, D); G (Nv, Vc) out
+    KEPT,  # with KEPT_LOGITS: the forward's (Nv, V) fp32 logits, read instead of recomputed
     COUNT,  # (1,) int64: rows past it are not valid; their G is written as 0
     n_rows,
     D,
@@ -45,6 +46,7 @@ def _bwd_logit_grad_kernel(
     stride_wd,
     stride_gn,
     stride_gv,
+    stride_kn,
     pre_scale,
     post_scale,
     BLOCK_N: tl.constexpr,
@@ -54,6 +56,7 @@ def _bwd_logit_grad_kernel(
     HAS_SOFTCAP: tl.constexpr,
     INTERPRETER: tl.constexpr,
     PRECISION: tl.constexpr,
+    KEPT_LOGITS: tl.constexpr = False,
 ):
     # Grouped order: ``group`` row blocks walk down the chunk's vocab tiles together.
     pid = tl.program_id(0)
@@ -69,34 +72,39 @@ def _bwd_logit_grad_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < v_count
     offs_v = v_beg + cols
-    d_eff = tl.where(pid_n * BLOCK_N < n_valid, D, 0)  # a block of ignored rows: no matmul
-    z = logits_tile(
-        H,
-        W,
-        BIAS,
-        offs_n.to(tl.int64),
-        row_mask,
-        offs_v,
-        col_mask,
-        d_eff,
-        stride_hn,
-        stride_hd,
-        stride_wv,
-        stride_wd,
-        pre_scale,
-        post_scale,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_D,
-        HAS_BIAS,
-        HAS_SOFTCAP,
-        INTERPRETER,
-        PRECISION,
-    )
-    lse = tl.load(LSE + offs_n, mask=row_mask, other=0.0)
+    if KEPT_LOGITS:
+        k_ptrs = KEPT + offs_n.to(tl.int64)[:, None] * stride_kn + offs_v[None, :]
+        z = tl.load(k_ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    else:
+        d_eff = tl.where(pid_n * BLOCK_N < n_valid, D, 0)  # a block of ignored rows: no matmul
+        z = logits_tile(
+            H,
+            W,
+            BIAS,
+            offs_n.to(tl.int64),
+            row_mask,
+            offs_v,
+            col_mask,
+            d_eff,
+            stride_hn,
+            stride_hd,
+            stride_wv,
+            stride_wd,
+            pre_scale,
+            post_scale,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            INTERPRETER,
+            PRECISION,
+        )
+    m = tl.load(NORM + offs_n, mask=row_mask, other=0.0)
+    log_s = tl.load(NORM + n_rows + offs_n, mask=row_mask, other=0.0)
     grad = tl.load(GRAD + offs_n, mask=row_mask, other=0.0)
     labels = tl.load(LABELS + offs_n, mask=row_mask, other=-1)
-    p = tl.exp(z - lse[:, None])
+    p = tl.exp((z - m[:, None]) - log_s[:, None])  # in that order: as log_softmax
     g = tl.where(offs_v[None, :] == labels[:, None], 1.0 - p, -p) * grad[:, None]
     if HAS_SOFTCAP:
         t = z / post_scale
@@ -154,8 +162,10 @@ def _accumulate_dh(d_hc, g, w_chunk):
             d_hc.addmm_(g.float(), w_chunk.float())
 
 
-def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
-    """Launcher of :meth:`dpo_kernels.backend.Backend.backward`."""
+def backward(x: Rows, norm_c, grad_c, opts: LogitOptions, needs: Needs, kept=None) -> Grads:
+    """Launcher of :meth:`dpo_kernels.backend.Backend.backward` (with ``kept``, the forward's
+    ``(Nv, V)`` fp32 logits, of :meth:`~dpo_kernels.backend.Backend.backward_kept`: no
+    recompute, 4·N·D·V)."""
     hidden, weight, bias, rows, labels_c, _ = x
     need_h, need_w, need_b = needs
     n_rows = rows.shape[0]
@@ -168,7 +178,12 @@ def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
     n_valid = _count(x)
     precision = policy.fp32_precision(dtype, opts.allow_tf32)
     h_c = hidden.index_select(0, rows)  # (Nv, D) contiguous: the GEMMs need dense rows
-    lse_c = lse_c.to(torch.float32).contiguous()
+    if x.count is not None:
+        # Sync-free layout: rows past the count may be anything (NaN padding); their G is 0,
+        # but 0 · NaN in dW = Gᵀ·H is NaN, so they must be 0 in H too.
+        keep = torch.arange(n_rows, device=device) < n_valid
+        h_c = torch.where(keep[:, None], h_c, torch.zeros((), dtype=dtype, device=device))
+    norm_c = norm_c.to(torch.float32).contiguous()
     grad_c = grad_c.to(torch.float32).contiguous()
     d_hc = torch.zeros((n_rows, dim), dtype=torch.float32, device=device) if need_h else None
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
@@ -185,9 +200,10 @@ def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
             weight,
             bias if has_bias else weight,
             labels_c,
-            lse_c,
+            norm_c,
             grad_c,
             g,
+            g if kept is None else kept,
             n_valid,
             n_rows,
             dim,
@@ -200,6 +216,7 @@ def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
             weight.stride(1),
             g.stride(0),
             g.stride(1),
+            0 if kept is None else kept.stride(0),
             opts.pre_scale,
             opts.post_scale,
             BLOCK_N=t.block_n,
@@ -209,6 +226,7 @@ def backward(x: Rows, lse_c, grad_c, opts: LogitOptions, needs: Needs) -> Grads:
             HAS_SOFTCAP=opts.has_softcap,
             INTERPRETER=interpreter,
             PRECISION=precision,
+            KEPT_LOGITS=kept is not None,
             num_warps=t.num_warps,
             num_stages=t.num_stages,
         )

@@ -22,7 +22,7 @@ from .tile import logits_tile
 # limit). A -inf logit (a masked vocabulary lane) adds nothing but -inf to Σ z/V.
 _M, _S, _ZT, _PZ, _P2, _Z = (tl.constexpr(i) for i in range(6))
 # Rows of the per-token outputs, in the order of the fields of backend.TokenResult.
-_LOGP, _LSE, _MEAN, _ENT, _TOP1, _LSS, _MAX = (tl.constexpr(i) for i in range(7))
+_LOGP, _MAX, _LOGS, _MEAN, _ENT, _TOP1, _LSS = (tl.constexpr(i) for i in range(7))
 
 
 @triton.jit
@@ -33,6 +33,7 @@ def _fwd_partial_kernel(
     ROWS,
     LABELS,
     PART,  # inputs; PART [6, n_splits, Nv] fp32
+    KEPT,  # with KEEP: (Nv, V) fp32 out, the valid rows' logits (the loss-level path)
     COUNT,  # (1,) int64: rows past it are not valid (read on the device: no host sync)
     n_rows,
     D,
@@ -45,6 +46,7 @@ def _fwd_partial_kernel(
     stride_wd,
     stride_pq,
     stride_ps,
+    stride_kn,
     pre_scale,
     post_scale,
     inv_V,
@@ -56,6 +58,7 @@ def _fwd_partial_kernel(
     HAS_STATS: tl.constexpr,
     INTERPRETER: tl.constexpr,
     PRECISION: tl.constexpr,
+    KEEP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_n = pid // n_splits  # split index fastest: neighbours in launch order share H rows
@@ -101,6 +104,9 @@ def _fwd_partial_kernel(
             INTERPRETER,
             PRECISION,
         )
+        if KEEP:  # one fp32 write per logit: the backward reads them instead of recomputing
+            k_ptrs = KEPT + offs_n.to(tl.int64)[:, None] * stride_kn + offs_v[None, :]
+            tl.store(k_ptrs, z, mask=row_mask[:, None] & v_mask[None, :])
         z = tl.where(v_mask[None, :], z, float("-inf"))
         zt += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
         if HAS_STATS:
@@ -135,7 +141,7 @@ def _fwd_partial_kernel(
 def _fwd_combine_kernel(
     PART,
     LABELS,
-    TOK,  # partials, compacted labels; TOK [7, Nv] out
+    TOK,  # partials, compacted labels; TOK [3 or 7, Nv] out
     COUNT,
     n_rows,
     n_splits,
@@ -172,19 +178,20 @@ def _fwd_combine_kernel(
             zs += tl.load(base + _Z * stride_pq, mask=mask, other=0.0)
     s = tl.where(mask, s, 1.0)  # padding lanes: keep log() finite
     log_s = tl.log(s)
-    lse = big_m + log_s
     labels = tl.load(LABELS + offs, mask=mask, other=0)
-    # An out-of-range label never matched a column: make its log-prob NaN, not -lse.
+    # An out-of-range label never matched a column: make its log-prob NaN, not a number.
     bad = (labels < 0) | (labels >= V)
-    tl.store(TOK + _LOGP * stride_tq + offs, tl.where(bad, float("nan"), zt - lse), mask=mask)
-    tl.store(TOK + _LSE * stride_tq + offs, lse, mask=mask)
+    # (z_t − m) − log_s, never z_t − (m + log_s): no rounded log-sum-exp of the logits' size.
+    logp = tl.where(bad, float("nan"), (zt - big_m) - log_s)
+    tl.store(TOK + _LOGP * stride_tq + offs, logp, mask=mask)
+    tl.store(TOK + _MAX * stride_tq + offs, big_m, mask=mask)
+    tl.store(TOK + _LOGS * stride_tq + offs, log_s, mask=mask)
     if HAS_STATS:
         tl.store(TOK + _MEAN * stride_tq + offs, zs, mask=mask)
         tl.store(TOK + _ENT * stride_tq + offs, log_s - pz / s, mask=mask)
         tl.store(TOK + _TOP1 * stride_tq + offs, tl.where(zt >= big_m, 1.0, 0.0), mask=mask)
         lss = tl.log(tl.where(mask, p2, 1.0)) - 2.0 * log_s
         tl.store(TOK + _LSS * stride_tq + offs, lss, mask=mask)
-        tl.store(TOK + _MAX * stride_tq + offs, big_m, mask=mask)
 
 
 def _count(x: Rows):
@@ -216,8 +223,9 @@ def fused_config(x: Rows, opts: LogitOptions, with_stats: bool = False, tune: bo
     )
 
 
-def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg, n_valid):
-    """Launches the partial kernel with ``cfg``; returns the ``[n_q, n_splits, Nv]`` partials."""
+def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg, n_valid, kept=None):
+    """Launches the partial kernel with ``cfg``; returns the ``[n_q, n_splits, Nv]`` partials
+    (and fills ``kept (Nv, V)`` fp32 with the logits if given)."""
     hidden, weight, bias, rows, labels, _ = x
     n_rows = rows.shape[0]
     vocab, dim = weight.shape
@@ -236,6 +244,7 @@ def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg, n_valid):
         rows,
         labels,
         part,
+        part if kept is None else kept,
         n_valid,
         n_rows,
         dim,
@@ -248,6 +257,7 @@ def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg, n_valid):
         weight.stride(1),
         part.stride(0),
         part.stride(1),
+        0 if kept is None else kept.stride(0),
         opts.pre_scale,
         opts.post_scale,
         1.0 / vocab,
@@ -259,22 +269,30 @@ def _partials(x: Rows, opts: LogitOptions, with_stats: bool, cfg, n_valid):
         HAS_STATS=with_stats,
         INTERPRETER=not policy.compiled_on_gpu(device),
         PRECISION=policy.fp32_precision(hidden.dtype, opts.allow_tf32),
+        KEEP=kept is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return part
 
 
-def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
-    """Launcher of :meth:`dpo_kernels.backend.Backend.forward`."""
+def forward(x: Rows, opts: LogitOptions, with_stats: bool, keep: bool = False):
+    """Launcher of :meth:`dpo_kernels.backend.Backend.forward` (with ``keep``, of
+    :meth:`~dpo_kernels.backend.Backend.forward_kept`: also the ``(Nv, V)`` fp32 logits)."""
     hidden, labels = x.hidden, x.labels
     n_rows = x.rows.shape[0]
     vocab = x.weight.shape[0]
     cfg = fused_config(x, opts, with_stats, tune=True)
     n_valid = _count(x)  # one device tensor for both launches
-    part = _partials(x, opts, with_stats, cfg, n_valid)
+    kept = None
+    if keep:
+        kept = torch.empty((n_rows, vocab), dtype=torch.float32, device=hidden.device)
+        # The store's pointers need registers too.
+        fma = policy.fp32_precision(hidden.dtype, opts.allow_tf32) == "ieee"
+        cfg = policy.keep_config(cfg, fma=fma and hidden.dtype == torch.float32)
+    part = _partials(x, opts, with_stats, cfg, n_valid, kept)
     n_splits = part.shape[1]
-    n_out = 7 if with_stats else 2
+    n_out = 7 if with_stats else 3
     tok = torch.empty((n_out, n_rows), dtype=torch.float32, device=hidden.device)
     comb = policy.combine_config(hidden.device)
     block = comb.block_n
@@ -293,4 +311,4 @@ def forward(x: Rows, opts: LogitOptions, with_stats: bool) -> TokenResult:
         BLOCK=block,
         num_warps=comb.num_warps,
     )
-    return TokenResult(*tok.unbind())
+    return TokenResult(*tok.unbind()) if not keep else (TokenResult(*tok.unbind()), kept)

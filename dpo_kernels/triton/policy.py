@@ -31,6 +31,7 @@ Program order (L2 reuse). Programs that run at the same time should read the sam
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -286,6 +287,25 @@ def time_call(fn: Callable[[], None], device: torch.device, repeats: int = 3) ->
             fn()
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+#: Logits per thread above which the forward that also writes its logits (the loss-level path)
+#: spills on sm_90: the store's 64-bit pointer per logit lives beside the fp32 accumulator. The
+#: shipped bf16 tile 128×128 with 8 warps (64 logits per thread) compiles to 255 registers and
+#: 80–120 bytes of stack with the store; 64×128 (32 per thread) to 182–216 and no spill
+#: (tests/aot_compile.py, Triton 3.9, sm_90). fp32 on the FMA path (no TF32) holds its operand
+#: tiles in registers too: 64×128 spills 8 bytes there, 32×128 does not.
+KEEP_LOGITS_PER_THREAD = 32
+
+
+def keep_config(cfg: Config, fma: bool = False) -> Config:
+    """The forward's config when it also writes its logits: ``cfg`` with fewer rows per program
+    until the tile is at most :data:`KEEP_LOGITS_PER_THREAD` logits per thread (half that on the
+    fp32 FMA path, ``fma``)."""
+    most = KEEP_LOGITS_PER_THREAD // (2 if fma else 1)
+    while cfg.accumulator_registers() > most and cfg.block_n > 16:
+        cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+    return cfg
 
 
 def combine_config(device: torch.device) -> Config:
