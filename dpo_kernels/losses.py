@@ -135,24 +135,27 @@ def _check_loss_type(loss_type: str, known: Sequence[str], name: str = "loss_typ
 
 
 def _f_divergence_scores(logratios: Tensor, kind: str, alpha_coef: float) -> Tensor:
-    """f'(t) at t = π/π_ref, from log t (f-DPO, Table 1)."""
+    """f'(t) at t = π/π_ref, from log t (f-DPO, Table 1). The exponential scores (forward KL, α)
+    are float64: e^|log t| of two log-ratios of a few hundred overflows float32 even where their
+    difference Δ, what the losses read, is small (two infinite float32 scores would make it
+    NaN); the loss is rounded to the input dtype at the end."""
     if kind == "reverse_kl":
         return logratios
     if kind == "forward_kl":  # f'(t) = 1 − 1/t
-        return 1 - torch.exp(-logratios)
+        return 1 - torch.exp(-logratios.double())
     if kind == "js_divergence":  # f'(t) = log(2t / (t + 1))
         return math.log(2) + F.logsigmoid(logratios)
     # alpha_divergence: f'(t) = (t^(α−1) − 1) / (α − 1); α → 1 is log t (reverse KL)
     if abs(alpha_coef - 1.0) < 1e-6:
         return logratios
-    # Clamp the exponent so exp() stays finite in the input dtype (TRL does the same).
+    # Clamp the exponent as TRL does (for it, so exp() stays finite in the input dtype; kept for
+    # parity: the values past the clamp are TRL's) ...
     clamp_max = 11.0 if logratios.dtype == torch.float16 else 80.0
-    wide = torch.promote_types(logratios.dtype, torch.float32)  # half inputs: exp() in fp32
-    t = ((alpha_coef - 1.0) * logratios).to(wide)
+    t = (alpha_coef - 1.0) * logratios.double()
     # ... but not an infinite one: a log-ratio of ±inf (a log-prob of -inf) has an infinite score,
     # and clamping it would turn it into a finite (wrong) loss.
     t = torch.where(torch.isposinf(t), t, t.clamp(max=clamp_max))
-    return (torch.exp(t) - 1.0).to(logratios.dtype) / (alpha_coef - 1.0)
+    return (torch.exp(t) - 1.0) / (alpha_coef - 1.0)
 
 
 def _smoothed_sigmoid(x: Tensor, eps: float) -> Tensor:
@@ -294,9 +297,15 @@ def _ipo(p: _Pair) -> Tensor:
 def _exo_pair(p: _Pair) -> Tensor:
     """σ(x)·(log σ(x) − log(1−ε)) + σ(−x)·(log σ(−x) − log ε), x = β·Δ: KL to [1−ε, ε] (EXO)"""
     x, eps = p.beta * p.delta, p.label_smoothing
-    return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
-        F.logsigmoid(-x) - math.log(eps)
-    )
+    return _plogp_term(x, math.log1p(-eps)) + _plogp_term(-x, math.log(eps))
+
+
+def _plogp_term(y: Tensor, c: float) -> Tensor:
+    """σ(y)·(log σ(y) − c), 0 where σ(y) = 0 (its limit at y → −∞, also when y = −∞ itself or a
+    float32 margin overflowed to it: never 0·(−∞) = NaN, in the value or the gradient)."""
+    gone = torch.sigmoid(y) == 0
+    y = torch.where(gone, torch.zeros_like(y), y)
+    return torch.where(gone, 0.0, torch.sigmoid(y) * (F.logsigmoid(y) - c))
 
 
 def _nca_pair(p: _Pair) -> Tensor:
@@ -621,6 +630,7 @@ def _preference_loss(
         if weights is not None:
             loss = loss * weights
         total = loss * w if total is None else total + loss * w
+    total = total.to(c.dtype)  # (float64 from the exponential f-divergence scores)
     return PreferenceLossOutput(total, (beta * c).detach(), (beta * r).detach())
 
 

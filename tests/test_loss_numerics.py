@@ -28,6 +28,7 @@ and ORPO's NaN gradients at average log-probs at or next to 0.
 """
 
 import math
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -103,16 +104,20 @@ def log1mexp(x):
     return math.log(-math.expm1(x)) if x > -math.log(2) else math.log1p(-math.exp(x))
 
 
-def fscore(t, kind, a):
+def fscore(t, kind, a, clamp=None):
     """f'(u) at u = e^t (f-DPO): reverse KL t; forward KL 1 − e^(−t) (−inf at t = −inf, 1 at
-    +inf); JS log 2 + log σ(t) (−inf, log 2); α: (e^((α−1)t) − 1)/(α−1), unclamped."""
+    +inf); JS log 2 + log σ(t) (−inf, log 2); α: (e^((α−1)t) − 1)/(α−1), unclamped (with
+    ``clamp``, a finite exponent ``(α−1)t`` is capped there, as TRL 1.16 and the package do)."""
     if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(a - 1) < 1e-6):
         return t
     if kind == "forward_kl":
         return 1 - exp_(-t)
     if kind == "js_divergence":
         return math.log(2) + logsig(t)
-    return (exp_((a - 1) * t) - 1) / (a - 1)
+    x = (a - 1) * t
+    if clamp is not None and x != INF:
+        x = min(x, clamp)
+    return (exp_(x) - 1) / (a - 1)
 
 
 def per_token(s, n):
@@ -123,13 +128,15 @@ def sq(x):
     return x * x  # ** 2 raises OverflowError past the float64 range
 
 
-def dpo_oracle(kind, pc, pr, rc, rr, nc, nr, *, beta, eps, tau, fk="reverse_kl", fa=0.5, sft=None):
+def dpo_oracle(
+    kind, pc, pr, rc, rr, nc, nr, *, beta, eps, tau, fk="reverse_kl", fa=0.5, sft=None, clamp=None
+):
     """Per-pair losses (list) of ``preference_loss``; aot/aot_unpaired per sorted position."""
     n = len(pc)
     c = [pc[i] - rc[i] for i in range(n)]
     r = [pr[i] - rr[i] for i in range(n)]
-    cs = [fscore(x, fk, fa) for x in c]
-    rs = [fscore(x, fk, fa) for x in r]
+    cs = [fscore(x, fk, fa, clamp) for x in c]
+    rs = [fscore(x, fk, fa, clamp) for x in r]
     if kind == "sft":
         return [(-sum(pc) / max(sum(nc), 1)) if sft is None else sft] * n
     if kind in ("aot", "aot_unpaired"):
@@ -322,8 +329,9 @@ def case_id(kind, eps, fk, fa):
     return f"{kind}-eps{eps:g}-{fk}" + (f"{fa:g}" if fk == "alpha_divergence" else "")
 
 
-def oracle_for(kind, eps, fk, fa, vals):
-    return dpo_oracle(kind, **vals, nc=NC, nr=NR, beta=BETA, eps=eps, tau=TAU, fk=fk, fa=fa)
+def oracle_for(kind, eps, fk, fa, vals, clamp=None):
+    kw = dict(beta=BETA, eps=eps, tau=TAU, fk=fk, fa=fa, clamp=clamp)
+    return dpo_oracle(kind, **vals, nc=NC, nr=NR, **kw)
 
 
 def with_values(scenario, value):
@@ -1108,3 +1116,106 @@ def test_modules_minus_inf_log_prob_from_a_masked_token(side, backend, path, mon
             refs = sequences(*(x.double() for x in ref), t, case.avg)
         assert getattr(pol, side[0])[0] == -INF == getattr(out, f"{side}_logps")[0], case.name
         assert_limit_or_nan(loss.item(), case.scalar(pol, refs), case.name, MOD_RTOL)
+
+
+# ----------------------------------------------------------------------------- fuzzing
+#
+# The tables above put one non-finite value at a time on pair 0. Here Hypothesis draws whole
+# batches — any mix of finite log-probs (0 and values next to it included), -inf and NaN on any
+# pair — for every loss type and variant, and holds each pair's loss (and the batch mean) to the
+# float64 scalar oracle: the oracle's value where it is finite, its limit or NaN where not.
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # the test extra installs it; without it only this test is skipped
+    given = None
+
+LOGP = (
+    None
+    if given is None
+    else st.one_of(
+        st.floats(-60.0, 0.0),
+        st.sampled_from([0.0, -1e-12, -1e-6, -300.0, -INF, NAN]),
+    )
+)
+
+
+def _rounding_allowance(kind, eps, fk, fa, vals, dtype):
+    """Per pair, how far the oracle moves when the log-ratios ``c``, ``r`` the loss computes in
+    ``dtype`` carry that dtype's rounding (2^-23 relative in float32): the loss's conditioning,
+    not its error. (The exponential f-divergence scores turn a log-ratio of -12 into e^6·(1 ±
+    1e-6), and Δ = f'(c) − f'(r) of two such scores cancels: float32 inputs decide Δ to ~1e-4 of
+    itself there.) 0 in float64, where the test asks for 1e-12."""
+    n = len(vals["pc"])
+    if dtype == torch.float64:
+        return [0.0] * n
+    base = oracle_for(kind, eps, fk, fa, vals, clamp=80.0)
+    allow = [0.0] * n
+    for fc in (1 - 2**-23, 1 + 2**-23):
+        for fr in (1 - 2**-23, 1 + 2**-23):
+            moved = {k: list(v) for k, v in vals.items()}
+            for i in range(n):
+                if all(math.isfinite(vals[k][i]) for k in vals):
+                    moved["rc"][i] = vals["pc"][i] - (vals["pc"][i] - vals["rc"][i]) * fc
+                    moved["rr"][i] = vals["pr"][i] - (vals["pr"][i] - vals["rr"][i]) * fr
+            for i, (w, m) in enumerate(zip(base, oracle_for(kind, eps, fk, fa, moved, 80.0))):
+                if math.isfinite(w) and math.isfinite(m):
+                    allow[i] = max(allow[i], abs(m - w))
+    return allow
+
+
+def _fuzz_losses(kind, eps, fk, fa, dtype, data):
+    n = len(BASE["pc"])
+    vals = {k: data.draw(st.lists(LOGP, min_size=n, max_size=n), label=k) for k in BASE}
+    # The oracle on the very inputs the loss sees (rounded to the dtype): a float32 log-prob of
+    # -32 is off by ~1e-6, and e^32 of it by 3e-5 relative — the input's error, not the loss's.
+    vals = {k: torch.tensor(v, dtype=dtype).tolist() for k, v in vals.items()}
+    # α-divergence: the finite exponent capped at 80 (TRL's parity clamp; see losses.py).
+    want = oracle_for(kind, eps, fk, fa, vals, clamp=80.0)
+    losses = run_dpo(kind, eps, fk, fa, tensors(vals, dtype))
+    what = f"{case_id(kind, eps, fk, fa)} {vals}"
+    # The oracle's float64 value rounded to the dtype: past its range the dtype's ±inf is right.
+    rounded = [torch.tensor(w, dtype=dtype).item() for w in want]
+    allow = _rounding_allowance(kind, eps, fk, fa, vals, dtype)
+    got = losses.double().tolist()
+    per_pair = kind not in SORTED or not any(isnan(w) for w in want)
+
+    def check(g, w, allowance, where):
+        # A finite answer: within the rounding allowance of the float64 oracle (which may lie
+        # past the dtype's range when the allowance is that large); else the limit rule against
+        # the oracle rounded to the dtype.
+        if math.isfinite(g) and math.isfinite(w):
+            tol = RTOL[dtype] * max(1.0, abs(w)) + 2 * allowance
+            assert abs(g - w) <= tol, f"{where}: {g}, oracle {w} (allowance {tol:.3g})"
+        else:
+            assert_limit_or_nan(g, torch.tensor(w, dtype=dtype).item(), where, RTOL[dtype])
+
+    for i in range(n if per_pair else 0):
+        check(got[i], want[i], allow[i], f"{what}[{i}]")
+    check(losses.mean().item(), mean(want), mean(allow), f"{what} mean")
+    # Where every log-prob the pair's loss reads is finite (the whole batch's for the coupled
+    # losses) and the oracle is finite in the dtype, NaN is not an answer.
+    finite = [all(math.isfinite(vals[k][i]) for k in depends_on(kind)) for i in range(n)]
+    if kind in COUPLED:
+        finite = [all(finite)] * n
+    for i in range(n if kind not in SORTED else 0):
+        if finite[i] and math.isfinite(rounded[i]):
+            assert not isnan(got[i]), f"{what}[{i}]: NaN where the oracle is {rounded[i]}"
+
+
+@pytest.mark.skipif(given is None, reason="hypothesis is not installed")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind, eps, fk, fa", CASES, ids=[case_id(*c) for c in CASES])
+def test_fuzz_losses_against_the_oracle(kind, eps, fk, fa, dtype):
+    """Random batches with -inf, NaN and near-0 log-probs anywhere: the oracle's value, limit or
+    NaN, pair by pair and for the mean (25 examples per case, derandomized: reproducible;
+    ``DPO_KERNELS_FUZZ_LONG=1``: 1000 fresh ones)."""
+    long = os.environ.get("DPO_KERNELS_FUZZ_LONG", "0") == "1"
+
+    @settings(max_examples=1000 if long else 25, deadline=None, derandomize=not long, database=None)
+    @given(data=st.data())
+    def run(data):
+        _fuzz_losses(kind, eps, fk, fa, dtype, data)
+
+    run()
