@@ -385,3 +385,95 @@ def tiny_dpo_config(output_dir, **config):
             **config,
         }
     )
+
+
+# ----------------------------------------------------------------------------- padding-free TRL
+
+# Token counts (prompt, chosen, rejected) of tiny_varied_preference_dataset: from 1 to 48 words,
+# chosen and rejected of one pair far apart, so packed rows mix very short and long sequences.
+VARIED_LENGTHS = [
+    (1, 40, 2),
+    (30, 1, 25),
+    (5, 12, 1),
+    (18, 3, 48),
+    (2, 28, 6),
+    (40, 2, 9),
+    (9, 47, 4),
+    (3, 7, 33),
+]
+
+
+def tiny_varied_preference_dataset():
+    """Preference triples of TRL_WORDS with the very different lengths of VARIED_LENGTHS (fixed
+    seed)."""
+    import datasets
+
+    g = torch.Generator().manual_seed(1)
+
+    def words(n):
+        return " ".join(TRL_WORDS[i] for i in torch.randint(0, len(TRL_WORDS), (n,), generator=g))
+
+    return datasets.Dataset.from_list(
+        [
+            {"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)}
+            for p, c, r in VARIED_LENGTHS
+        ]
+    )
+
+
+def tiny_causal_lm_and_reference(tokenizer, family="llama", attn_implementation="sdpa", seed=0):
+    """A tiny random fp32 causal LM of ``family`` ("llama"; or "qwen2", whose second layer has a
+    sliding window of 8 tokens) with ``attn_implementation``, and a reference differing from it
+    by small noise."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    if family == "llama":
+        policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(
+            **common, use_sliding_window=True, sliding_window=8, max_window_layers=1
+        )
+        policy = transformers.Qwen2ForCausalLM(config)
+    else:
+        raise KeyError(family)
+    policy.set_attn_implementation(attn_implementation)
+    policy = policy.float()
+    return policy, perturbed_copy(policy)
+
+
+def tiny_moe_policy_and_reference(tokenizer, seed=0):
+    """A tiny random fp32 Mixtral (4 experts, top 2, router logits on, aux coefficient 0.1 in
+    its config) and a reference differing from it by small noise."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.1,
+        experts_implementation="batched_mm",  # fixed GEMM shapes: no per-shape set-up on CPU
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    policy = transformers.MixtralForCausalLM(config).float()
+    return policy, perturbed_copy(policy)

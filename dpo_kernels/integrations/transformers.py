@@ -11,6 +11,19 @@ one call, and so is the LM head (with its forward redirected to the fused op), s
 hook fires as in a plain forward: FSDP2 / FSDP1 unshard the head and reduce its gradient, ZeRO-3
 fetches it and reduces its gradient. The head is read inside its own forward, never before. PEFT
 (LoRA-style) models run their adapted backbone.
+
+Padding-free (packed) rows: ``sequence_logprobs(model, ids (1, N), None, completion_mask (1, N),
+cu_seqlens=cu)`` runs the backbone once on sequences laid back to back (``pack_padded`` builds
+them from a padded batch), with position ids restarting at 0 for each sequence and no attention
+mask, which is how transformers marks packed sequences; its mask utilities then keep attention
+inside each sequence for ``eager`` and ``sdpa`` (a block-diagonal causal mask, sliding windows
+included) and flash attention gets each sequence's offsets (``cu_seq_lens_q/k``). Any other
+attention implementation (``flex_attention``, paged or custom kernels), and layers that are not
+attention (linear-attention / state-space layers carry state from one sequence into the next),
+are refused with an error naming them. The first packed call of each model and attention
+implementation also checks, inside every attention layer, that the mask it receives never joins
+two sequences (for flash attention: that the sequence offsets reach it), so a model whose code
+ignores the packing is an error, never wrong numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -31,6 +45,8 @@ from ..logprobs import LogProbStats, linear_logprobs
 __all__ = [
     "LMHeadSpec",
     "lm_head_spec",
+    "pack_padded",
+    "packed_attention_implementation",
     "sequence_logprobs",
     "sequence_pair_loss",
     "unwrap_model",
@@ -424,6 +440,7 @@ def sequence_logprobs(
     attention_mask: Optional[Tensor] = None,
     completion_mask: Optional[Tensor] = None,
     *,
+    cu_seqlens: Optional[Tensor] = None,
     reduction: str = "sum",
     temperature: float = 1.0,
     backend: str = "auto",
@@ -447,6 +464,24 @@ def sequence_logprobs(
     logits (``output_router_logits=True``) and the result is ``(stats, aux_loss)``, with
     ``aux_loss`` the 0-d load-balancing loss exactly as the model's own forward computes it
     (unscaled: multiply by ``router_aux_loss_coef`` yourself), with its gradient to the routers.
+
+    **Packed rows** (padding-free), with ``cu_seqlens``: ``input_ids (1, N)`` (or ``(N,)``) holds
+    ``S`` sequences back to back, sequence ``s`` at ``[cu_seqlens[s], cu_seqlens[s + 1])``
+    (``cu_seqlens (S + 1,)`` integer offsets from 0 to N); ``completion_mask`` is shaped like
+    ``input_ids``; ``attention_mask`` must be None (there is no padding). The backbone runs once
+    on the row with position ids restarting at 0 in each sequence and attention kept inside each
+    sequence (see the module docstring for the attention implementations this allows; others
+    raise ``NotImplementedError``). Token ``t`` is scored from the hidden state at ``t − 1`` of
+    the same sequence (a sequence's first token never is)::
+
+        logps[s] = Σ_{t in s, t > cu_seqlens[s], completion_mask[t]} log p(x_t | x_{s, <t})
+
+    Returns ``(S,)`` fields, or with ``reduction="none"`` per-token fields shaped like
+    ``input_ids`` (entry ``t`` for token ``t``, 0 where it is not scored). The result equals the
+    padded call on the same sequences (right-padded, positions from 0). ``model_kwargs`` may
+    hold flags only (no per-token tensors, no ``position_ids``: they come from ``cu_seqlens``);
+    with ``router_aux_loss``, every packed token counts, as every unpadded token does in a padded
+    call.
     """
     return _sequence_call(
         model,
@@ -459,6 +494,7 @@ def sequence_logprobs(
         model_kwargs,
         None,
         router_aux_loss=router_aux_loss,
+        cu_seqlens=cu_seqlens,
     )
 
 
@@ -487,8 +523,14 @@ def sequence_pair_loss(
     path does not apply, ``None`` and ``stats`` whose ``logps`` carry the gradient as
     :func:`sequence_logprobs`'s do. ``router_aux_loss=True``: ``(carrier, stats, aux_loss)``, the
     MoE load-balancing loss as in :func:`sequence_logprobs` (not part of ``chunk_loss``: add
-    ``router_aux_loss_coef * aux_loss`` to the loss yourself).
+    ``router_aux_loss_coef * aux_loss`` to the loss yourself). Padded batches only: for packed
+    rows use :func:`sequence_logprobs` with ``cu_seqlens``.
     """
+    if "cu_seqlens" in model_kwargs:  # else it would reach the backbone, which may ignore it
+        raise NotImplementedError(
+            "sequence_pair_loss takes padded batches; for packed rows use "
+            "sequence_logprobs(..., cu_seqlens=...)"
+        )
     return _sequence_call(
         model,
         input_ids,
@@ -515,34 +557,30 @@ def _sequence_call(
     pair,
     *,
     router_aux_loss=False,
+    cu_seqlens=None,
 ):
     """The body of :func:`sequence_logprobs` and :func:`sequence_pair_loss` (``pair``: None, or
-    ``(chunk_loss, separable)``; ``router_aux_loss``: also return the MoE load-balancing loss)."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ValueError(
-            f"input_ids must be a (B, T) tensor, got "
-            f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)}"
-        )
-    if input_ids.shape[1] < 2:
-        raise ValueError(
-            f"input_ids needs at least 2 positions to score one, got T={input_ids.shape[1]}"
-        )
-    for name, mask in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
-        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != input_ids.shape):
-            raise ValueError(
-                f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
-            )
+    ``(chunk_loss, separable)``; ``router_aux_loss``: also return the MoE load-balancing loss;
+    ``cu_seqlens``: one packed row, see :func:`sequence_logprobs`)."""
+    if cu_seqlens is not None:
+        _check_packed_inputs(input_ids, attention_mask, completion_mask, cu_seqlens, model_kwargs)
+    else:
+        _check_padded_inputs(input_ids, attention_mask, completion_mask)
     wrapper, hf_model = _peel(model)
     _head_spec(hf_model, whole=False)  # refuse an unsupported head before running the backbone
     backbone = _backbone(hf_model)
 
-    scored = torch.ones_like(input_ids, dtype=torch.bool)
-    if attention_mask is not None:
-        scored &= attention_mask.bool()
-    if completion_mask is not None:
-        scored &= completion_mask.bool()
-    labels = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)
+    packing = None
+    if cu_seqlens is not None:
+        packing = _Packing.build(hf_model, input_ids, completion_mask, cu_seqlens)
+        labels = packing.labels
+    else:
+        scored = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is not None:
+            scored &= attention_mask.bool()
+        if completion_mask is not None:
+            scored &= completion_mask.bool()
+        labels = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)
     model_kwargs.setdefault("use_cache", False)
     if router_aux_loss:
         aux_loss_func, num_experts, top_k = _router_aux_loss_spec(hf_model)
@@ -597,18 +635,30 @@ def _sequence_call(
             labels_w,
             bias,
             reduction=reduction,
+            cu_seqlens=None if packing is None else packing.cu_seqlens.to(weight.device),
             temperature=temperature,
             logit_scale=logit_scale,
             softcap=live.softcap,
             return_stats=True,
             backend=backend,
         )
+        if packing is not None and reduction == "none":
+            stats = packing.per_input_token(stats, input_ids.shape)
         return stats if pair is None else (None, stats)
 
     def fused_forward():
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+        if packing is None:
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+        else:
+            with packing.attention_check(hf_model):
+                out = backbone(
+                    input_ids=packing.input_ids, **packing.backbone_kwargs, **model_kwargs
+                )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        result = _call_through(head, head_wrapper, head_forward, hidden[:, :-1])
+        # padded: position t predicts t + 1; packed: every row of the (1, N) row is scored
+        # against its own label (ignored at each sequence's last token)
+        hidden = hidden[:, :-1] if packing is None else hidden[0]
+        result = _call_through(head, head_wrapper, head_forward, hidden)
         if not router_aux_loss:
             return result
         router_logits = getattr(out, "router_logits", None)
@@ -619,8 +669,315 @@ def _sequence_call(
                 f"router_aux_loss=True, but the backbone of {type(hf_model).__name__} returned no "
                 "router logits with output_router_logits=True"
             )
-        # As the model's own forward: the attention mask it was given (None: every token counts).
+        # As the model's own forward: the attention mask it was given (None: every token counts,
+        # as in a packed row, where every token is real).
         aux_loss = aux_loss_func(router_logits, num_experts, top_k, attention_mask)
         return (result, aux_loss) if pair is None else (*result, aux_loss)
 
     return _call_through(model, wrapper, fused_forward)
+
+
+def _shape(t) -> Any:
+    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_padded_inputs(input_ids, attention_mask, completion_mask) -> None:
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (B, T) tensor, got {_shape(input_ids)}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(
+            f"input_ids needs at least 2 positions to score one, got T={input_ids.shape[1]}"
+        )
+    for name, mask in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
+        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != input_ids.shape):
+            raise ValueError(
+                f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{_shape(mask)}"
+            )
+
+
+# ----------------------------------------------------------------------------- packed rows
+
+# Model inputs a packed call derives itself (from cu_seqlens), so a caller must not pass them.
+_PACKING_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# Layer types (config.layer_types) whose only coupling of tokens is attention under a mask.
+_ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# Implementations whose 4D mask transformers' masking utilities build from packed position ids.
+_MASKED_ATTENTION = ("eager", "sdpa")
+# hf model → the attention implementations whose packed masks were seen to keep sequences apart.
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+
+
+def _check_packed_inputs(input_ids, attention_mask, completion_mask, cu_seqlens, model_kwargs):
+    if not isinstance(input_ids, Tensor) or not (
+        input_ids.dim() == 1 or (input_ids.dim() == 2 and input_ids.shape[0] == 1)
+    ):
+        raise ValueError(
+            f"with cu_seqlens, input_ids must be one packed row (N,) or (1, N), got "
+            f"{_shape(input_ids)}"
+        )
+    if input_ids.shape[-1] < 1:
+        raise ValueError("with cu_seqlens, input_ids must hold at least one token")
+    if attention_mask is not None:
+        raise ValueError(
+            "with cu_seqlens, attention_mask must be None: a packed row has no padding, and "
+            "its sequences are kept apart by position ids restarting at 0 (an attention mask "
+            "would switch that off in transformers)"
+        )
+    if completion_mask is not None and (
+        not isinstance(completion_mask, Tensor) or completion_mask.shape != input_ids.shape
+    ):
+        raise ValueError(
+            f"completion_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+            f"{_shape(completion_mask)}"
+        )
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if (
+        cu_seqlens.dtype.is_floating_point
+        or cu_seqlens.dtype.is_complex
+        or (cu_seqlens.dtype == torch.bool)
+    ):
+        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D (S + 1,) offsets with S >= 1, got {_shape(cu_seqlens)}"
+        )
+    if cu_seqlens.device.type == "cpu":  # free to read here; on a GPU the op checks on device
+        n, cu = input_ids.shape[-1], cu_seqlens
+        if int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] < cu[:-1]).any()):
+            shown = cu.tolist()
+            shown = f"{shown[:8]}..." if len(shown) > 8 else f"{shown}"
+            raise ValueError(
+                f"cu_seqlens must rise from 0 to the row's length N={n} without decreasing, "
+                f"got {shown} (ending at {int(cu[-1])})"
+            )
+    derived = [k for k in _PACKING_KWARGS if k in model_kwargs]
+    if derived:
+        raise ValueError(
+            f"with cu_seqlens, {', '.join(derived)} must not be passed: packed calls derive "
+            "them from cu_seqlens"
+        )
+    if model_kwargs.get("use_cache"):
+        raise ValueError(
+            "use_cache=True cannot be used with packed rows (transformers only separates "
+            "packed sequences without a cache)"
+        )
+    tensors = sorted(k for k, v in model_kwargs.items() if isinstance(v, Tensor))
+    if tensors:
+        raise NotImplementedError(
+            f"packed rows (cu_seqlens) run the backbone on input_ids and position ids only; "
+            f"{', '.join(tensors)} cannot be packed by dpo_kernels (use the padded call)"
+        )
+
+
+def _is_flash(impl: str) -> bool:
+    """``impl`` runs transformers' own flash-attention wrapper, whose varlen path keeps packed
+    sequences apart (``flash_attention_2/3/4``, and Hub flash kernels registered with it; a
+    kernel registered with its own function may ignore the sequence offsets)."""
+    try:
+        from transformers.integrations.flash_attention import flash_attention_forward
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        return False
+    return (
+        impl in ALL_ATTENTION_FUNCTIONS and ALL_ATTENTION_FUNCTIONS[impl] is flash_attention_forward
+    )
+
+
+def packed_attention_implementation(model: nn.Module) -> str:
+    """The attention implementation ``model`` runs packed rows with, if it keeps attention inside
+    each sequence (see the module docstring); else ``NotImplementedError`` naming what is not
+    supported. Wrappers are looked through (:func:`unwrap_model`)."""
+    hf_model = unwrap_model(model)
+    config = _text_config(hf_model)
+    name = type(hf_model).__name__
+    impl = getattr(config, "_attn_implementation", None)
+    if not isinstance(impl, str) or not (impl in _MASKED_ATTENTION or _is_flash(impl)):
+        raise NotImplementedError(
+            f"padding-free (packed) sequences are not supported with attn_implementation="
+            f"{impl!r} of {name}: dpo_kernels keeps packed sequences apart with 'eager', "
+            "'sdpa' or transformers' flash attention ('flash_attention_2' / '_3' / '_4', or a "
+            "Hub flash kernel run through it). Load the model with one of those (e.g. "
+            "attn_implementation='sdpa'), or use padded batches"
+        )
+    layer_types = getattr(config, "layer_types", None) or ()
+    other = sorted({str(t) for t in layer_types} - _ATTENTION_LAYERS)
+    if other:
+        raise NotImplementedError(
+            f"padding-free (packed) sequences are not supported for {name}: its layer types "
+            f"{other} are not masked attention, and would carry state from one packed "
+            "sequence into the next; use padded batches"
+        )
+    return impl
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    """Names of ``cls.forward``'s parameters after ``self`` (empty if it cannot be read)."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
+    return tuple(params[1:])
+
+
+def _attention_layers(hf_model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The innermost modules whose forward takes an ``attention_mask``: the attention layers
+    (a decoder layer, the backbone and the model take one too, but pass it on)."""
+    takes = [
+        (name, m)
+        for name, m in hf_model.named_modules()
+        if "attention_mask" in _forward_parameters(type(m))
+    ]
+    names = [name for name, _ in takes]
+    return [
+        (name, m)
+        for name, m in takes
+        if not any(o != name and o.startswith(f"{name}." if name else "") for o in names)
+    ]
+
+
+def _argument(module: nn.Module, args, kwargs, name: str):
+    if name in kwargs:
+        return kwargs[name]
+    params = _forward_parameters(type(module))
+    if name in params and params.index(name) < len(args):
+        return args[params.index(name)]
+    return None
+
+
+@dataclasses.dataclass
+class _Packing:
+    """One packed row prepared for the backbone and the head."""
+
+    input_ids: Tensor  # (1, N)
+    labels: Tensor  # (N,): the target of hidden row t (-100: none)
+    cu_seqlens: Tensor  # (S + 1,) int64, on the row's device
+    seq: Tensor  # (N,) the sequence of each token
+    position_ids: Tensor  # (1, N), from 0 in each sequence
+    impl: str
+    backbone_kwargs: dict
+
+    @classmethod
+    def build(cls, hf_model, input_ids, completion_mask, cu_seqlens) -> _Packing:
+        impl = packed_attention_implementation(hf_model)
+        ids = input_ids.reshape(-1)
+        n, device = ids.shape[0], ids.device
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        pos = torch.arange(n, device=device)
+        seq = torch.searchsorted(cu, pos, right=True) - 1  # empty sequences are skipped over
+        position_ids = (pos - cu[seq]).unsqueeze(0)
+        # Hidden row t predicts token t + 1 when both lie in one sequence and t + 1 is scored.
+        keep = seq[1:] == seq[:-1]
+        if completion_mask is not None:
+            keep &= completion_mask.reshape(-1)[1:].bool()
+        labels = torch.full_like(ids, -100)
+        labels[:-1] = ids[1:].masked_fill(~keep, -100)
+        kwargs = {"position_ids": position_ids, "attention_mask": None}
+        if _is_flash(impl):
+            # transformers' varlen path; without these it reads them from the position ids in
+            # every layer (a host sync per layer), here once per call
+            cu32 = cu.to(torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            kwargs.update(
+                cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=longest, max_length_k=longest
+            )
+        return cls(ids.unsqueeze(0), labels, cu, seq, position_ids, impl, kwargs)
+
+    def per_input_token(self, stats: LogProbStats, shape) -> LogProbStats:
+        """Per-token stats of hidden rows (row t scores token t + 1) moved onto the tokens they
+        score, shaped like ``input_ids`` (0 at each sequence's first token)."""
+        return LogProbStats(*(torch.cat([f.new_zeros(1), f[:-1]]).reshape(shape) for f in stats))
+
+    @contextlib.contextmanager
+    def attention_check(self, hf_model: nn.Module):
+        """Verifies, on the first packed call of ``hf_model`` with this attention implementation
+        (and with two sequences or more), that every attention layer gets a mask that never
+        joins two sequences (flash attention: the sequence offsets or position ids)."""
+        if self.impl in _VERIFIED.get(hf_model, ()):
+            yield
+            return
+        if int(((self.cu_seqlens[1:] - self.cu_seqlens[:-1]) > 0).sum()) < 2:
+            yield  # one sequence: nothing to keep apart, nothing to learn about the model
+            return
+        flash = _is_flash(self.impl)
+        n = self.seq.shape[0]
+        seen, masks = [], []
+        name_of = type(hf_model).__name__
+
+        def refuse(layer, why):
+            raise NotImplementedError(
+                f"padding-free (packed) sequences: attention layer {layer!r} of {name_of} "
+                f"(attn_implementation={self.impl!r}) {why}, so it would attend across the "
+                "packed sequences; this model's code does not support packed sequences, use "
+                "padded batches"
+            )
+
+        def hook_for(layer):
+            def hook(module, args, kwargs):
+                mask = _argument(module, args, kwargs, "attention_mask")
+                if flash:
+                    if mask is not None:
+                        refuse(layer, "got a padding mask instead of the sequence offsets")
+                    if not any(
+                        _argument(module, args, kwargs, key) is self.backbone_kwargs.get(key)
+                        for key in ("position_ids", "cu_seq_lens_q")
+                    ):
+                        refuse(layer, "did not receive the packed position ids")
+                elif not isinstance(mask, Tensor) or mask.dim() != 4:
+                    refuse(layer, f"got no 4D attention mask (got {_shape(mask)})")
+                elif tuple(mask.shape[-2:]) != (n, n):
+                    refuse(layer, f"got a mask of shape {tuple(mask.shape)} for {n} tokens")
+                elif not any(mask is m for m in masks):
+                    masks.append(mask)
+                    allowed = (
+                        mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+                    )
+                    seq = self.seq.to(mask.device)
+                    if bool((allowed & (seq.view(-1, 1) != seq.view(1, -1))).any()):
+                        refuse(layer, "got a mask that joins tokens of different sequences")
+                seen.append(layer)
+
+            return hook
+
+        handles = [
+            m.register_forward_pre_hook(hook_for(name), with_kwargs=True)
+            for name, m in _attention_layers(hf_model)
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        if not seen:
+            raise NotImplementedError(
+                f"padding-free (packed) sequences: no attention layer of {name_of} received an "
+                "attention mask, so dpo_kernels cannot check that attention stays inside each "
+                "packed sequence; use padded batches"
+            )
+        _VERIFIED.setdefault(hf_model, set()).add(self.impl)
+
+
+def pack_padded(attention_mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Packs the real tokens of a padded batch into one row, for :func:`sequence_logprobs`'s
+    ``cu_seqlens`` mode.
+
+    ``attention_mask (B, T)`` 1 on real tokens, ``tensors`` ``(B, T)`` each (``input_ids``,
+    ``completion_mask``, ...). Returns ``(cu_seqlens (B + 1,) int64, *packed)`` with each packed
+    tensor ``(1, N)``, ``N`` the number of real tokens, row ``b``'s tokens in order at
+    ``[cu_seqlens[b], cu_seqlens[b + 1])``. (On a GPU, selecting the real tokens reads their
+    count on the host once.)
+    """
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a (B, T) tensor, got {_shape(attention_mask)}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor) or t.shape != attention_mask.shape:
+            raise ValueError(
+                f"tensor {i} must have the shape of attention_mask "
+                f"{tuple(attention_mask.shape)}, got {_shape(t)}"
+            )
+    keep = attention_mask.bool()
+    cu = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
+    torch.cumsum(keep.sum(dim=1), 0, out=cu[1:])
+    return (cu, *(t[keep].unsqueeze(0) for t in tensors))

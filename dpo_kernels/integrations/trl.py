@@ -14,11 +14,26 @@ disabled, or the ``"ref"`` adapter when present, as TRL does), and Mixture-of-Ex
 router load-balancing loss (``router_aux_loss_coef`` with ``output_router_logits`` in the
 config): as in TRL, ``router_aux_loss_coef · aux_loss`` is added to the policy's loss and logged
 as ``aux_loss``, the loss computed from the backbone's router logits as the model's forward does.
+
+``DPOConfig(padding_free=True)`` is honoured (TRL 1.16 turns it off with a warning and pads):
+each batch's chosen and rejected sequences are packed into one row without padding (position
+ids restarting at 0 per sequence, attention kept inside each sequence), the backbone runs once
+on it and the fused head scores it with ``cu_seqlens``. That holds for the policy, the reference
+(a separate ``ref_model``, or the policy with its PEFT adapters disabled) and
+``precompute_ref_log_probs``, and gives the loss, metrics and gradients of padded batches.
+Batches come from TRL's collator (or yours) as usual and are packed inside the passes, so
+everything that reads a batch (token counts, evaluation weights) sees what it sees with TRL. The
+attention implementations packing supports are those of
+:func:`dpo_kernels.integrations.transformers.sequence_logprobs` (``eager``, ``sdpa``, flash
+attention); anything else, vision batches and extra per-token model inputs are an error, never a
+silent fallback to padding. Packed policy passes take the plain fused op (recompute in the
+backward), not the loss-level path of :mod:`dpo_kernels.loss_path`, which reads padded rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 
 import torch
@@ -31,7 +46,12 @@ from ..losses import (
     mean_nll,
     wpo_weights,
 )
-from .transformers import sequence_logprobs, sequence_pair_loss
+from .transformers import (
+    pack_padded,
+    packed_attention_implementation,
+    sequence_logprobs,
+    sequence_pair_loss,
+)
 
 SUPPORTED_TRL = (">=1.16", "<1.17")
 
@@ -66,13 +86,35 @@ class DPOTrainer(trl.DPOTrainer):
 
     ``logprobs_backend`` (class attribute, ``"auto"``) picks the :func:`linear_logprobs` backend.
     ``loss_options`` is the :class:`~dpo_kernels.losses.PreferenceOptions` built once from the
-    ``DPOConfig`` in ``__init__``, with TRL's per-type quirks (``trl=True``).
+    ``DPOConfig`` in ``__init__``, with TRL's per-type quirks (``trl=True``). ``padding_free``
+    is ``DPOConfig.padding_free``, fixed at construction (packed passes, see the module
+    docstring).
     """
 
     logprobs_backend = "auto"
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        bound = inspect.signature(trl.DPOTrainer.__init__).bind(self, *args, **kwargs)
+        config = bound.arguments.get("args")
+        # Read by compute_ref_log_probs, which TRL's __init__ calls (precompute_ref_log_probs).
+        self._padding_free = bool(getattr(config, "padding_free", False))
+        if self._padding_free:  # else TRL 1.16 warns that it falls back to padding: we do not
+            config.padding_free = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self._padding_free:
+                config.padding_free = True
+        self.padding_free = self._padding_free
+        if self._padding_free:
+            if self._is_vision_dataset:
+                raise ValueError(
+                    "padding_free=True is not supported for vision datasets (their image "
+                    "inputs cannot be packed); set padding_free=False"
+                )
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    packed_attention_implementation(m)  # NotImplementedError if unsupported
         # TRL's __init__ has set aux_loss_enabled (config.output_router_logits exists and
         # router_aux_loss_coef != 0) and router_aux_loss_coef: the policy pass then also returns
         # the MoE router load-balancing loss (see _compute_loss).
@@ -102,22 +144,43 @@ class DPOTrainer(trl.DPOTrainer):
 
     # ------------------------------------------------------------------ log-probs
 
-    def _sequence_pass(self, model, inputs, router_aux_loss=False):
+    def _pack(self, inputs):
+        """``(cu_seqlens, input_ids (1, N), completion_mask (1, N))`` of a padded batch with
+        padding_free, else None."""
+        if not self._padding_free:
+            return None
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(inputs["input_ids"])
+        return pack_padded(attention_mask, inputs["input_ids"], inputs["completion_mask"])
+
+    def _sequence_pass(self, model, inputs, router_aux_loss=False, packed=None):
         """Per-sequence (logps as the loss uses them, stats), chosen half first; with
-        ``router_aux_loss``, the MoE router load-balancing loss is appended."""
+        ``router_aux_loss``, the MoE router load-balancing loss is appended. With padding_free,
+        one packed row (``packed``: :meth:`_pack` of ``inputs``, computed here if None)."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         ld = self.ld_alpha is not None
-        out = sequence_logprobs(
-            model,
-            inputs["input_ids"],
-            inputs.get("attention_mask"),
-            inputs["completion_mask"],
+        common = dict(
             reduction="none" if ld else "sum",
             backend=self.logprobs_backend,
             router_aux_loss=router_aux_loss,
             **model_kwargs,
         )
+        packed = self._pack(inputs) if packed is None else packed
+        if packed is None:
+            out = sequence_logprobs(
+                model,
+                inputs["input_ids"],
+                inputs.get("attention_mask"),
+                inputs["completion_mask"],
+                **common,
+            )
+        else:
+            cu, ids, completion = packed
+            out = sequence_logprobs(model, ids, None, completion, cu_seqlens=cu, **common)
         stats, aux = out if router_aux_loss else (out, None)
+        if ld and packed is not None:  # per packed token → the padded (2P, T − 1) layout
+            stats = _unpack_scored(stats, inputs)
         logps, stats = (stats.logps, stats) if not ld else _ld_sequence_stats(stats, self.ld_alpha)
         return (logps, stats, aux) if router_aux_loss else (logps, stats)
 
@@ -163,6 +226,7 @@ class DPOTrainer(trl.DPOTrainer):
         mode = "train" if self.model.training else "eval"
         # The reference first: with it known, the policy's loss (and so its gradient) is known
         # as soon as its log-probs are, and the loss-level path needs no recompute.
+        packed = self._pack(inputs)  # one packed row for both passes (padding_free)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -172,7 +236,7 @@ class DPOTrainer(trl.DPOTrainer):
                 self._reference_context(),
             ):
                 reference = self.ref_model if self.ref_model is not None else self.model
-                ref_logps, _ = self._sequence_pass(reference, inputs)
+                ref_logps, _ = self._sequence_pass(reference, inputs, packed=packed)
             ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
 
         # TRL length-normalises ipo / sigmoid_norm by the (unshifted) completion-mask sums, and
@@ -206,7 +270,7 @@ class DPOTrainer(trl.DPOTrainer):
         # router logits, as the model's forward computes it; the reference pass never does).
         aux = self.aux_loss_enabled
         carrier = aux_loss = None
-        if self.ld_alpha is None:
+        if self.ld_alpha is None and packed is None:
             n_pairs = inputs["input_ids"].shape[0] // 2
 
             def chunk_loss(stats, pairs: slice):
@@ -215,7 +279,7 @@ class DPOTrainer(trl.DPOTrainer):
             carrier, stats, *rest = self._pair_pass(model, inputs, chunk_loss, aux)
             logps = stats.logps
         else:
-            logps, stats, *rest = self._sequence_pass(model, inputs, aux)
+            logps, stats, *rest = self._sequence_pass(model, inputs, aux, packed=packed)
         if aux:
             (aux_loss,) = rest
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
@@ -282,3 +346,14 @@ class DPOTrainer(trl.DPOTrainer):
         metrics["logps/rejected"].append(
             self.accelerator.gather(rejected_logps.detach()).mean().item()
         )
+
+
+def _unpack_scored(per_token, inputs):
+    """Per-token stats of a packed row (shaped ``(1, N)``, entry ``t`` for token ``t``) laid out
+    as a padded pass gives them: ``(2P, T − 1)``, entry ``[b, t]`` for token ``t + 1`` of row
+    ``b`` (LD-DPO reads the completion tokens' order within each sequence)."""
+    mask = inputs.get("attention_mask")
+    keep = (torch.ones_like(inputs["input_ids"]) if mask is None else mask).bool()
+    return type(per_token)(
+        *(f.new_zeros(keep.shape).masked_scatter(keep, f.reshape(-1))[:, 1:] for f in per_token)
+    )
