@@ -58,7 +58,8 @@ LOSS_PATHS = ("auto", "recompute")
 #: ``chunk_loss(stats, pairs)``: the loss contribution of the pairs ``pairs`` (a slice of pair
 #: indices) from their sequences' statistics ``stats`` (chosen sequences first, then rejected,
 #: ``logps`` the per-sequence sums), already divided by the batch's own normalisers, so that the
-#: contributions of disjoint chunks add up to the batch's loss.
+#: contributions of disjoint chunks add up to the batch's loss. (Unpaired, ``paired=False``:
+#: ``pairs`` is a slice of sequences and ``stats`` are theirs.)
 ChunkLoss = Callable[[LogProbStats, slice], Tensor]
 
 
@@ -78,12 +79,14 @@ def plan(
     ignore_index: int,
     backend: str,
     separable: bool,
+    paired: bool = True,
 ) -> Union[list[slice], str]:
     """The chunks of pairs (slices of pair indices, in order) the fast path scores, or a string:
     why it does not apply here (the caller then takes the recompute path).
 
     ``hidden (2B, T, D)`` chosen half first, ``labels (2B, T)``; ``separable``: the loss is a sum
-    of per-pair terms (else it must see the whole batch in one chunk)."""
+    of per-pair terms (else it must see the whole batch in one chunk). ``paired=False``: the
+    sequences are unpaired (KTO): ``hidden (N, T, D)``, and a chunk is a slice of sequences."""
     if _mode() == "recompute":
         return "DPO_KERNELS_LOSS_PATH=recompute"
     if not torch.is_grad_enabled():
@@ -97,11 +100,12 @@ def plan(
     chosen = resolve(backend, hidden.device, hidden.dtype)
     if not chosen.keeps_logits:
         return f"backend {chosen.name!r} does not keep logits"
-    pairs = hidden.shape[0] // 2
+    pairs = hidden.shape[0] // 2 if paired else hidden.shape[0]
     item = torch.finfo(compute_dtype(hidden.dtype)).bits // 8
     row_bytes = weight.shape[0] * item
     counts = (labels != ignore_index).sum(dim=1)
-    per_pair = (counts[:pairs] + counts[pairs:]).tolist()  # one host read on a GPU
+    per_pair = counts[:pairs] + counts[pairs:] if paired else counts
+    per_pair = per_pair.tolist()  # one host read on a GPU
     budget = chunk_budget_bytes()
     biggest = max(per_pair, default=0) * row_bytes
     if biggest > budget:
@@ -136,10 +140,11 @@ class _Job:
     backend: Backend
     opts: LogitOptions
     needs: Needs
+    paired: bool = True
 
     def run(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
         n_seq, seq_len, dim = hidden.shape
-        pairs = n_seq // 2
+        pairs = n_seq // 2 if self.paired else n_seq
         acc = compute_dtype(hidden.dtype)
         h2 = hidden.reshape(-1, dim)
         labels = self.labels.reshape(-1).to(torch.int64)
@@ -151,9 +156,10 @@ class _Job:
         grads = [None, None, None]
         positions = torch.arange(h2.shape[0], device=hidden.device).view(n_seq, seq_len)
         for sl in self.chunks:
-            seqs = torch.cat(
-                [torch.arange(sl.start, sl.stop), torch.arange(pairs + sl.start, pairs + sl.stop)]
-            ).to(hidden.device)
+            seqs = torch.arange(sl.start, sl.stop)
+            if self.paired:
+                seqs = torch.cat([seqs, torch.arange(pairs + sl.start, pairs + sl.stop)])
+            seqs = seqs.to(hidden.device)
             # Chosen sequences of the chunk, then its rejected ones: rows in increasing order.
             rows = positions[seqs][valid[seqs]]
             seg = torch.zeros(seqs.shape[0] + 1, dtype=torch.int64, device=hidden.device)
@@ -247,6 +253,7 @@ def fused_pair_loss(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    paired: bool = True,
 ) -> tuple[Tensor, LogProbStats]:
     """Per-sequence statistics of ``hidden (2B, T, D)`` (chosen half first) under the head
     ``weight (V, D)`` (``bias (V,)``) with ``labels (2B, T)``, and a 0-d ``carrier`` (value 0)
@@ -254,7 +261,8 @@ def fused_pair_loss(
     ``weight`` and ``bias``: add it to the loss computed from the (detached) statistics.
     ``chunks`` from :func:`plan`. The statistics are those of ``linear_logprobs(...,
     softcap=softcap, temperature=temperature, logit_scale=logit_scale, return_stats=True)``
-    (``logps`` the per-sequence sums)."""
+    (``logps`` the per-sequence sums). ``paired=False`` (with :func:`plan`'s): unpaired
+    sequences ``hidden (N, T, D)``, ``chunk_loss`` called with the chunk's sequences."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_args(
         hidden,
@@ -283,7 +291,13 @@ def fused_pair_loss(
         hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
     )
     job = _Job(
-        labels, chunks, chunk_loss, resolve(backend, hidden.device, hidden.dtype), opts, needs
+        labels,
+        chunks,
+        chunk_loss,
+        resolve(backend, hidden.device, hidden.dtype),
+        opts,
+        needs,
+        paired,
     )
     with torch.autocast(hidden.device.type, enabled=False):
         carrier, *stats = _FusedPairLoss.apply(hidden, weight, bias, job)

@@ -853,7 +853,9 @@ class FusedLinearKTOLoss(nn.Module):
                 f"{tuple(preference_labels.shape) if isinstance(preference_labels, Tensor) else preference_labels}"  # noqa: E501
             )
         labels = preference_labels.to(torch.bool)
-        pol = self._pass(_input, lin_weight, target, bias)
+        # The reference and the KL estimate first (no autograd): with them known, each
+        # sequence's loss, and so its gradient, is known as soon as its log-probs are, and the
+        # policy pass takes the loss-level path (no recompute) where it applies.
         if ref_logps is not None:
             if not isinstance(ref_logps, Tensor) or tuple(ref_logps.shape) != (n,):
                 raise ValueError(f"ref_logps must have shape ({n},)")
@@ -877,8 +879,45 @@ class FusedLinearKTOLoss(nn.Module):
                 pol_kl = self._pass(kl_input, lin_weight, kl_target, bias).logps
                 ref_kl = self._pass(ref_kl_input, ref_weight, kl_target, ref_bias).logps
             kl = kto_kl(pol_kl, ref_kl)
+        chunks = loss_path.plan(
+            _input,
+            lin_weight,
+            bias,
+            target,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+            separable=True,  # the KL estimate is detached: the loss is a sum over sequences
+            paired=False,
+        )
+        carrier = None
+        if isinstance(chunks, list):
+            kl_c = None if kl is None else kl.detach()
+
+            def chunk_loss(stats: LogProbStats, seqs: slice) -> Tensor:
+                logps = _pass_from(stats, self.average_log_prob).logps
+                ref_c = None if ref is None else ref[seqs]
+                losses = _kto_loss(self.options, logps, ref_c, labels[seqs], kl_c).losses
+                return losses.sum() / n
+
+            carrier, stats = loss_path.fused_pair_loss(
+                _input,
+                lin_weight,
+                target,
+                bias,
+                chunk_loss,
+                chunks,
+                ignore_index=self.ignore_index,
+                backend=self.backend,
+                softcap=self.softcap,
+                paired=False,
+            )
+            pol = _pass_from(stats, self.average_log_prob)
+        else:
+            pol = self._pass(_input, lin_weight, target, bias)
         out = _kto_loss(self.options, pol.logps, ref, labels, kl)
         loss = out.losses.mean()
+        if carrier is not None:  # values from the detached statistics, gradients from the path
+            loss = loss + carrier
         with torch.no_grad():
             d = labels.to(pol.logps.dtype)
             u = 1 - d

@@ -199,6 +199,48 @@ def test_upstream_gradient_and_other_modules(backend):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunks_of", ["batch", "sequence"])
+def test_kto_module_takes_the_path(monkeypatch, backend, chunks_of):
+    """KTO (unpaired: a chunk is a run of sequences; the KL estimate is detached, so the loss is
+    a sum over sequences): the path runs, one backend call per chunk and no recompute, and the
+    loss and gradients are the float64 oracle's and the recompute path's."""
+    h, w, b, labels, ref = make()
+    n = h.shape[0]
+    desirable = torch.tensor([True, False, True, True, False, False])
+    if chunks_of == "sequence":  # room for the longest sequence's logits, never two
+        rows = (labels != IGNORE).sum(dim=1) * V * 4
+        assert (rows[:-1] + rows[1:]).min() > rows.max()
+        monkeypatch.setenv("DPO_KERNELS_CHUNK_MB", str(rows.max().item() / 2**20))
+    kl = torch.tensor(0.3)
+
+    def go():
+        mod = dk.FusedLinearKTOLoss(beta=0.2, undesirable_weight=1.5, backend=backend)
+        loss, out = mod(h, w, labels, b, desirable, ref_logps=ref, kl=kl)
+        return loss.detach(), out, torch.autograd.grad(loss, [h, w, b])
+
+    spy = Spy(monkeypatch, backend)
+    fused = go()
+    want_calls = 1 if chunks_of == "batch" else n
+    assert spy.calls["forward_kept"] == want_calls and spy.calls["backward"] == 0, spy.calls
+    monkeypatch.setenv("DPO_KERNELS_LOSS_PATH", "recompute")
+    plain = go()
+    assert spy.calls["backward"] == 1
+
+    params = [h, w, b]
+    logps = naive_logprobs(h, w, labels, b, dtype=torch.float64)["logps"]
+    want = dk.kto_loss(logps, ref.double(), desirable, beta=0.2, undesirable_weight=1.5, kl=kl)
+    want = want.losses.mean()
+    want_grads = torch.autograd.grad(want, params)
+    assert abs(fused[0].double() - want).item() <= 2e-6 * max(1.0, abs(want.item()))
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-6, atol=1e-6)
+    for a, c in zip(fused[1], plain[1]):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    for name, g, pg, rg in zip(("hidden", "weight", "bias"), fused[2], plain[2], want_grads):
+        torch.testing.assert_close(g, pg, rtol=1e-5, atol=1e-6, msg=f"d{name} vs recompute")
+        check_grad(g, rg, pg, torch.float32, f"d{name}")
+
+
 def test_where_it_does_not_apply(monkeypatch):
     h, w, b, labels, ref = make()
     kw = dict(ignore_index=IGNORE, backend="cpp")
