@@ -42,6 +42,7 @@ from .backend import (
     LogitOptions,
     Needs,
     Rows,
+    check_cu_seqlens,
     check_labels,
     chunk_budget_bytes,
     compute_dtype,
@@ -80,13 +81,16 @@ def plan(
     backend: str,
     separable: bool,
     paired: bool = True,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Union[list[slice], str]:
     """The chunks of pairs (slices of pair indices, in order) the fast path scores, or a string:
     why it does not apply here (the caller then takes the recompute path).
 
     ``hidden (2B, T, D)`` chosen half first, ``labels (2B, T)``; ``separable``: the loss is a sum
     of per-pair terms (else it must see the whole batch in one chunk). ``paired=False``: the
-    sequences are unpaired (KTO): ``hidden (N, T, D)``, and a chunk is a slice of sequences."""
+    sequences are unpaired (KTO): ``hidden (N, T, D)``, and a chunk is a slice of sequences.
+    ``cu_seqlens (S + 1,)``: packed sequences, ``hidden (N, D)`` and ``labels (N,)`` one row of
+    them (sequence ``s`` is rows ``cu_seqlens[s]:cu_seqlens[s+1]``, chosen sequences first)."""
     if _mode() == "recompute":
         return "DPO_KERNELS_LOSS_PATH=recompute"
     if not torch.is_grad_enabled():
@@ -100,10 +104,10 @@ def plan(
     chosen = resolve(backend, hidden.device, hidden.dtype)
     if not chosen.keeps_logits:
         return f"backend {chosen.name!r} does not keep logits"
-    pairs = hidden.shape[0] // 2 if paired else hidden.shape[0]
+    counts = _sequence_counts(labels, ignore_index, cu_seqlens)
+    pairs = counts.shape[0] // 2 if paired else counts.shape[0]
     item = torch.finfo(compute_dtype(hidden.dtype)).bits // 8
     row_bytes = weight.shape[0] * item
-    counts = (labels != ignore_index).sum(dim=1)
     per_pair = counts[:pairs] + counts[pairs:] if paired else counts
     per_pair = per_pair.tolist()  # one host read on a GPU
     budget = chunk_budget_bytes()
@@ -130,6 +134,39 @@ def plan(
     return chunks
 
 
+def _sequence_counts(labels: Tensor, ignore_index: int, cu_seqlens: Optional[Tensor]) -> Tensor:
+    """Scored tokens per sequence: of each row of ``labels (S, T)``, or of each segment of the
+    packed ``labels (N,)``."""
+    valid = labels != ignore_index
+    if cu_seqlens is None:
+        return valid.sum(dim=1)
+    cu = cu_seqlens.to(device=labels.device, dtype=torch.int64)
+    upto = torch.zeros(valid.shape[0] + 1, dtype=torch.int64, device=labels.device)
+    torch.cumsum(valid, 0, out=upto[1:])
+    return upto[cu[1:]] - upto[cu[:-1]]
+
+
+def _sequence_rows(labels: Tensor, ignore_index: int, cu_seqlens: Optional[Tensor]):
+    """``(valid_rows, start, counts)``: the flat indices of the scored rows in increasing order,
+    and where each sequence's run of them starts in that list, and how long it is."""
+    flat = labels.reshape(-1)
+    valid_rows = (flat != ignore_index).nonzero().squeeze(1)
+    counts = _sequence_counts(labels, ignore_index, cu_seqlens)
+    start = torch.cumsum(counts, 0) - counts
+    return valid_rows, start, counts
+
+
+def _rows_of(seqs: Tensor, valid_rows: Tensor, start: Tensor, counts: Tensor) -> Tensor:
+    """The scored rows of the sequences ``seqs``, sequence after sequence."""
+    lengths = counts[seqs]
+    total = int(lengths.sum())
+    first = torch.repeat_interleave(start[seqs], lengths, output_size=total)
+    within = torch.arange(total, device=seqs.device) - torch.repeat_interleave(
+        torch.cumsum(lengths, 0) - lengths, lengths, output_size=total
+    )
+    return valid_rows[first + within]
+
+
 @dataclass
 class _Job:
     """One fused call: everything but the differentiable tensors."""
@@ -141,27 +178,29 @@ class _Job:
     opts: LogitOptions
     needs: Needs
     paired: bool = True
+    cu_seqlens: Optional[Tensor] = None
 
     def run(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-        n_seq, seq_len, dim = hidden.shape
-        pairs = n_seq // 2 if self.paired else n_seq
+        dim = hidden.shape[-1]
         acc = compute_dtype(hidden.dtype)
         h2 = hidden.reshape(-1, dim)
         labels = self.labels.reshape(-1).to(torch.int64)
         weight = weight.contiguous()
         bias = None if bias is None else bias.contiguous()
-        valid = self.labels != self.opts.ignore_index
-        counts = valid.sum(dim=1)
+        valid_rows, start, counts = _sequence_rows(
+            self.labels.to(hidden.device), self.opts.ignore_index, self.cu_seqlens
+        )
+        n_seq = counts.shape[0]
+        pairs = n_seq // 2 if self.paired else n_seq
         stats = [torch.zeros(n_seq, dtype=acc, device=hidden.device) for _ in range(5)]
         grads = [None, None, None]
-        positions = torch.arange(h2.shape[0], device=hidden.device).view(n_seq, seq_len)
         for sl in self.chunks:
             seqs = torch.arange(sl.start, sl.stop)
             if self.paired:
                 seqs = torch.cat([seqs, torch.arange(pairs + sl.start, pairs + sl.stop)])
             seqs = seqs.to(hidden.device)
             # Chosen sequences of the chunk, then its rejected ones: rows in increasing order.
-            rows = positions[seqs][valid[seqs]]
+            rows = _rows_of(seqs, valid_rows, start, counts)
             seg = torch.zeros(seqs.shape[0] + 1, dtype=torch.int64, device=hidden.device)
             torch.cumsum(counts[seqs], 0, out=seg[1:])
             n_rows = rows.shape[0]
@@ -254,6 +293,7 @@ def fused_pair_loss(
     temperature: float = 1.0,
     logit_scale: float = 1.0,
     paired: bool = True,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, LogProbStats]:
     """Per-sequence statistics of ``hidden (2B, T, D)`` (chosen half first) under the head
     ``weight (V, D)`` (``bias (V,)``) with ``labels (2B, T)``, and a 0-d ``carrier`` (value 0)
@@ -262,14 +302,15 @@ def fused_pair_loss(
     ``chunks`` from :func:`plan`. The statistics are those of ``linear_logprobs(...,
     softcap=softcap, temperature=temperature, logit_scale=logit_scale, return_stats=True)``
     (``logps`` the per-sequence sums). ``paired=False`` (with :func:`plan`'s): unpaired
-    sequences ``hidden (N, T, D)``, ``chunk_loss`` called with the chunk's sequences."""
+    sequences ``hidden (N, T, D)``, ``chunk_loss`` called with the chunk's sequences.
+    ``cu_seqlens`` (with :func:`plan`'s): packed sequences, ``hidden (N, D)``, ``labels (N,)``."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_args(
         hidden,
         weight,
         labels,
         bias,
-        None,
+        cu_seqlens,
         "sum",
         temperature,
         logit_scale,
@@ -279,6 +320,8 @@ def fused_pair_loss(
     )
     if labels.device.type == "cpu":
         check_labels(labels, weight.shape[0], ignore_index)
+    if cu_seqlens is not None and cu_seqlens.device.type == "cpu":
+        check_cu_seqlens(cu_seqlens, labels.shape[0])
     opts = LogitOptions(
         ignore_index,
         float(temperature),
@@ -298,6 +341,7 @@ def fused_pair_loss(
         opts,
         needs,
         paired,
+        None if cu_seqlens is None else cu_seqlens.to(hidden.device, torch.int64),
     )
     with torch.autocast(hidden.device.type, enabled=False):
         carrier, *stats = _FusedPairLoss.apply(hidden, weight, bias, job)

@@ -241,6 +241,59 @@ def test_kto_module_takes_the_path(monkeypatch, backend, chunks_of):
         check_grad(g, rg, pg, torch.float32, f"d{name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunks_of", ["batch", "pair"])
+def test_packed_rows_match_the_padded_batch(monkeypatch, backend, chunks_of):
+    """``cu_seqlens``: the same sequences packed into one row without padding (the TRL drop-in's
+    padding_free) give the padded batch's statistics and gradients, chunk for chunk."""
+    h, w, b, labels, ref = make()
+    n, t, d = h.shape
+    keep = labels != IGNORE
+    # Pack each sequence from its first to its last scored token (the rest is padding).
+    pos = torch.arange(t)
+    first = torch.where(keep, pos, t).amin(dim=1)
+    last = torch.where(keep, pos, -1).amax(dim=1)
+    spans = [(int(first[i]), int(last[i]) + 1) for i in range(n)]
+    hp = torch.cat([h.detach()[i, a:e] for i, (a, e) in enumerate(spans)]).requires_grad_()
+    lp = torch.cat([labels[i, a:e] for i, (a, e) in enumerate(spans)])
+    lengths = torch.tensor([e - a for a, e in spans])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    if chunks_of == "pair":
+        monkeypatch.setenv("DPO_KERNELS_CHUNK_MB", one_pair_mb(labels))
+    half = n // 2
+
+    def chunk_loss(stats, pairs):
+        c, r = stats.logps[: stats.logps.shape[0] // 2], stats.logps[stats.logps.shape[0] // 2 :]
+        rc, rr = ref[:half][pairs], ref[half:][pairs]
+        return dk.preference_loss(c, r, rc, rr, beta=0.1).losses.sum() / half
+
+    kw = dict(ignore_index=IGNORE, backend=backend, separable=True)
+    got = []
+    for hid, lab, cu_ in ((h, labels, None), (hp, lp, cu)):
+        chunks = loss_path.plan(hid, w, b, lab, cu_seqlens=cu_, **kw)
+        assert isinstance(chunks, list) and len(chunks) == (1 if chunks_of == "batch" else half)
+        carrier, stats = loss_path.fused_pair_loss(
+            hid,
+            w,
+            lab,
+            b,
+            chunk_loss,
+            chunks,
+            ignore_index=IGNORE,
+            backend=backend,
+            cu_seqlens=cu_,
+        )
+        grads = torch.autograd.grad(carrier, [hid, w, b])
+        got.append((stats, grads))
+    (ps, pg), (qs, qg) = got
+    for f in ps._fields:
+        torch.testing.assert_close(getattr(qs, f), getattr(ps, f), rtol=1e-6, atol=1e-6)
+    dh_padded = torch.cat([pg[0][i, a:e] for i, (a, e) in enumerate(spans)])
+    torch.testing.assert_close(qg[0], dh_padded, rtol=1e-5, atol=1e-7)
+    for x, y in zip(qg[1:], pg[1:]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
 def test_where_it_does_not_apply(monkeypatch):
     h, w, b, labels, ref = make()
     kw = dict(ignore_index=IGNORE, backend="cpp")

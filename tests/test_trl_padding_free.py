@@ -98,18 +98,30 @@ def _assert_parity(ours, theirs):
 
 @pytest.fixture
 def passes(monkeypatch):
-    """How the drop-in calls sequence_logprobs: "packed" (one (1, N) row, no attention mask) or
-    "padded", one entry a call."""
-    calls = []
-    real = dk_trl.sequence_logprobs
+    """How the drop-in calls sequence_logprobs and sequence_pair_loss (its policy pass where the
+    loss is known): "packed" (one (1, N) row, no attention mask) or "padded", one entry a call;
+    ``calls.fused`` says, per sequence_pair_loss call, whether the loss-level path ran."""
 
-    def spy(model, input_ids, attention_mask=None, *args, **kwargs):
-        packed = kwargs.get("cu_seqlens") is not None
-        assert not packed or (input_ids.shape[0] == 1 and attention_mask is None)
-        calls.append("packed" if packed else "padded")
-        return real(model, input_ids, attention_mask, *args, **kwargs)
+    class Calls(list):
+        fused: list
 
-    monkeypatch.setattr(dk_trl, "sequence_logprobs", spy)
+    calls = Calls()
+    calls.fused = []
+
+    def spying(real, pair):
+        def spy(model, input_ids, attention_mask=None, *args, **kwargs):
+            packed = kwargs.get("cu_seqlens") is not None
+            assert not packed or (input_ids.shape[0] == 1 and attention_mask is None)
+            calls.append("packed" if packed else "padded")
+            out = real(model, input_ids, attention_mask, *args, **kwargs)
+            if pair:
+                calls.fused.append(out[0] is not None)
+            return out
+
+        return spy
+
+    monkeypatch.setattr(dk_trl, "sequence_logprobs", spying(dk_trl.sequence_logprobs, False))
+    monkeypatch.setattr(dk_trl, "sequence_pair_loss", spying(dk_trl.sequence_pair_loss, True))
     return calls
 
 
@@ -173,6 +185,9 @@ def test_one_batch_matches_padded_and_stock_trl(
     # Reference, then policy: each one backbone call on one row of the 8 sequences' 248 tokens
     # (4 to 67 each: the padded batch has 8 × 67).
     assert passes == ["packed", "packed"]
+    # The packed policy pass takes the loss-level path (no recompute) but for LD-DPO, whose
+    # per-token weights need the plain op.
+    assert passes.fused == ([] if loss == "ld_dpo" else [True])
     assert rows == [(torch.Size([1, 248]), None)] * 2
     assert got[1]["rewards/margins"] != 0  # the reference differs: the comparison has teeth
 
@@ -397,8 +412,41 @@ def test_packed_sequence_logprobs_refuse_bad_input(tokenizer):
             sequence_logprobs(model, ids, **kw)
     with pytest.raises(ValueError, match=r"one packed row \(N,\) or \(1, N\)"):
         sequence_logprobs(model, ids.expand(2, -1), cu_seqlens=cu)
-    with pytest.raises(NotImplementedError, match="sequence_pair_loss takes padded batches"):
-        sequence_pair_loss(model, ids, None, None, lambda stats, pairs: 0, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="attention_mask must be None"):
+        sequence_pair_loss(
+            model, ids, torch.ones_like(ids), None, lambda st, pairs: st.logps.sum(), cu_seqlens=cu
+        )
+
+
+def test_packed_sequence_pair_loss_matches_padded(tokenizer):
+    """sequence_pair_loss on the packed row: the loss-level path runs (a carrier comes back) and
+    its gradients are the padded call's."""
+    model, _ = tiny_causal_lm_and_reference(tokenizer)
+    ids, mask, completion = _padded_batch(len(tokenizer))
+    params = list(model.parameters())
+    half = ids.shape[0] // 2
+
+    def chunk_loss(stats, pairs):
+        n = stats.logps.shape[0] // 2
+        margin = stats.logps[:n] - stats.logps[n:]
+        return -torch.nn.functional.logsigmoid(0.1 * margin).sum() / half
+
+    grads = []
+    for packed in (False, True):
+        if packed:
+            cu, p_ids, p_completion = pack_padded(mask, ids, completion)
+            carrier, stats = sequence_pair_loss(
+                model, p_ids, None, p_completion, chunk_loss, cu_seqlens=cu
+            )
+        else:
+            carrier, stats = sequence_pair_loss(model, ids, mask, completion, chunk_loss)
+        assert carrier is not None  # the loss-level path, packed or not
+        grads.append((stats, torch.autograd.grad(carrier, params)))
+    (ps, pg), (qs, qg) = grads
+    for field, a, b in zip(ps._fields, qs, ps):
+        assert _rel(a.double(), b.double()) <= 1e-5, field
+    for (name, _), a, b in zip(model.named_parameters(), qg, pg):
+        assert _rel(a, b) <= RTOL, name
 
 
 def _varlen_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):

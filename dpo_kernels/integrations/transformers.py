@@ -509,6 +509,7 @@ def sequence_pair_loss(
     temperature: float = 1.0,
     backend: str = "auto",
     router_aux_loss: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
     **model_kwargs: Any,
 ) -> tuple[Optional[Tensor], LogProbStats]:
     """:func:`sequence_logprobs` of a batch of pairs (chosen sequences first) whose loss is known
@@ -523,14 +524,9 @@ def sequence_pair_loss(
     path does not apply, ``None`` and ``stats`` whose ``logps`` carry the gradient as
     :func:`sequence_logprobs`'s do. ``router_aux_loss=True``: ``(carrier, stats, aux_loss)``, the
     MoE load-balancing loss as in :func:`sequence_logprobs` (not part of ``chunk_loss``: add
-    ``router_aux_loss_coef * aux_loss`` to the loss yourself). Padded batches only: for packed
-    rows use :func:`sequence_logprobs` with ``cu_seqlens``.
+    ``router_aux_loss_coef * aux_loss`` to the loss yourself). ``cu_seqlens``: one packed row of
+    the batch's sequences (chosen ones first), as :func:`sequence_logprobs` takes it.
     """
-    if "cu_seqlens" in model_kwargs:  # else it would reach the backbone, which may ignore it
-        raise NotImplementedError(
-            "sequence_pair_loss takes padded batches; for packed rows use "
-            "sequence_logprobs(..., cu_seqlens=...)"
-        )
     return _sequence_call(
         model,
         input_ids,
@@ -542,6 +538,7 @@ def sequence_pair_loss(
         model_kwargs,
         (chunk_loss, separable),
         router_aux_loss=router_aux_loss,
+        cu_seqlens=cu_seqlens,
     )
 
 
@@ -606,6 +603,7 @@ def _sequence_call(
             bias = bias[: live.vocab_size] if bias is not None else None
         labels_w = labels.to(weight.device)
         chunks = None
+        cu = None if packing is None else packing.cu_seqlens.to(weight.device)
         if pair is not None:
             chunks = loss_path.plan(
                 hidden,
@@ -615,6 +613,7 @@ def _sequence_call(
                 ignore_index=-100,
                 backend=backend,
                 separable=pair[1],
+                cu_seqlens=cu,
             )
         if isinstance(chunks, list):
             return loss_path.fused_pair_loss(
@@ -628,6 +627,7 @@ def _sequence_call(
                 softcap=live.softcap,
                 temperature=temperature,
                 logit_scale=logit_scale,
+                cu_seqlens=cu,
             )
         stats = linear_logprobs(
             hidden,
@@ -635,7 +635,7 @@ def _sequence_call(
             labels_w,
             bias,
             reduction=reduction,
-            cu_seqlens=None if packing is None else packing.cu_seqlens.to(weight.device),
+            cu_seqlens=cu,
             temperature=temperature,
             logit_scale=logit_scale,
             softcap=live.softcap,

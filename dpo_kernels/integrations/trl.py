@@ -26,8 +26,8 @@ everything that reads a batch (token counts, evaluation weights) sees what it se
 attention implementations packing supports are those of
 :func:`dpo_kernels.integrations.transformers.sequence_logprobs` (``eager``, ``sdpa``, flash
 attention); anything else, vision batches and extra per-token model inputs are an error, never a
-silent fallback to padding. Packed policy passes take the plain fused op (recompute in the
-backward), not the loss-level path of :mod:`dpo_kernels.loss_path`, which reads padded rows.
+silent fallback to padding. Packed policy passes take the loss-level path of
+:mod:`dpo_kernels.loss_path` (no recompute) where it applies, as padded ones do.
 """
 
 from __future__ import annotations
@@ -184,21 +184,30 @@ class DPOTrainer(trl.DPOTrainer):
         logps, stats = (stats.logps, stats) if not ld else _ld_sequence_stats(stats, self.ld_alpha)
         return (logps, stats, aux) if router_aux_loss else (logps, stats)
 
-    def _pair_pass(self, model, inputs, chunk_loss, router_aux_loss=False):
+    def _pair_pass(self, model, inputs, chunk_loss, router_aux_loss=False, packed=None):
         """The policy pass with its loss known (the loss-level path where it applies):
         ``(carrier or None, stats)`` of :func:`.transformers.sequence_pair_loss`, and the MoE
-        router load-balancing loss appended with ``router_aux_loss``."""
+        router load-balancing loss appended with ``router_aux_loss``; with padding_free, on the
+        packed row ``packed`` (:meth:`_pack`)."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        common = dict(
+            separable=self.loss_options.separable,
+            backend=self.logprobs_backend,
+            router_aux_loss=router_aux_loss,
+            **model_kwargs,
+        )
+        if packed is not None:
+            cu, ids, completion = packed
+            return sequence_pair_loss(
+                model, ids, None, completion, chunk_loss, cu_seqlens=cu, **common
+            )
         return sequence_pair_loss(
             model,
             inputs["input_ids"],
             inputs.get("attention_mask"),
             inputs["completion_mask"],
             chunk_loss,
-            separable=self.loss_options.separable,
-            backend=self.logprobs_backend,
-            router_aux_loss=router_aux_loss,
-            **model_kwargs,
+            **common,
         )
 
     def _reference_context(self):
@@ -270,13 +279,13 @@ class DPOTrainer(trl.DPOTrainer):
         # router logits, as the model's forward computes it; the reference pass never does).
         aux = self.aux_loss_enabled
         carrier = aux_loss = None
-        if self.ld_alpha is None and packed is None:
+        if self.ld_alpha is None:
             n_pairs = inputs["input_ids"].shape[0] // 2
 
             def chunk_loss(stats, pairs: slice):
                 return pair_losses(stats.logps, stats, pairs).losses.sum() / n_pairs
 
-            carrier, stats, *rest = self._pair_pass(model, inputs, chunk_loss, aux)
+            carrier, stats, *rest = self._pair_pass(model, inputs, chunk_loss, aux, packed)
             logps = stats.logps
         else:
             logps, stats, *rest = self._sequence_pass(model, inputs, aux, packed=packed)
