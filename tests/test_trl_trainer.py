@@ -270,3 +270,32 @@ def test_loss_options_built_once_with_trl_quirks(tokenizer, dataset, tmp_path):
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         trainer.loss_options.beta = 1.0
+
+
+def test_bf16_mixed_precision_autocasts_the_passes(tokenizer, dataset, tmp_path):
+    """``bf16=True``: accelerate autocasts the prepared model's forward; the drop-in runs the
+    backbone in that forward's place, so it must enter the autocast itself. The projections
+    then run in bf16, as in stock TRL."""
+    dtypes = []
+
+    def record(trainer):
+        # What Trainer.train() / evaluate() do first: accelerate wraps the model's forward in
+        # the autocast of its mixed precision.
+        trainer.model = trainer.accelerator.prepare_model(trainer.model)
+        for name, module in trainer.model.named_modules():
+            if name.endswith("q_proj"):
+                module.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+
+    stock_trainer = _trainer(trl.DPOTrainer, tokenizer, dataset, tmp_path / "s", bf16=True)
+    record(stock_trainer)
+    stock = _one_batch(stock_trainer)
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # what stock TRL does
+    dtypes.clear()
+    ours_trainer = _trainer(dk_trl.DPOTrainer, tokenizer, dataset, tmp_path / "o", bf16=True)
+    record(ours_trainer)
+    ours = _one_batch(ours_trainer)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    # Both ran their projections in bf16 (above; without the autocast ours ran them in fp32).
+    # The heads differ in rounding (TRL rounds the logits to bf16, ours keeps them fp32): the
+    # losses agree to bf16's resolution, not fp32's.
+    assert abs(ours[0].item() - stock[0].item()) <= 2**-8 * abs(stock[0].item()), (ours, stock)

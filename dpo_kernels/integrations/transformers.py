@@ -460,6 +460,11 @@ def sequence_logprobs(
     possibly inside PEFT / DDP / FSDP / DeepSpeed / ``torch.compile`` wrappers;
     ``model_kwargs`` go to its backbone (e.g. ``pixel_values``, ``position_ids``).
 
+    Mixed precision: the call runs the backbone and head in place of the model's ``forward``, so
+    an autocast that ``accelerate`` wrapped around that ``forward`` (``Accelerator(
+    mixed_precision="bf16")``, a Trainer's ``bf16=True``) does not apply: call it inside
+    ``accelerator.autocast()`` (the TRL drop-in does) or ``torch.autocast``.
+
     ``router_aux_loss=True`` (Mixture-of-Experts models): the backbone also returns its router
     logits (``output_router_logits=True``) and the result is ``(stats, aux_loss)``, with
     ``aux_loss`` the 0-d load-balancing loss exactly as the model's own forward computes it

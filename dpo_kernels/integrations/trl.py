@@ -167,17 +167,18 @@ class DPOTrainer(trl.DPOTrainer):
             **model_kwargs,
         )
         packed = self._pack(inputs) if packed is None else packed
-        if packed is None:
-            out = sequence_logprobs(
-                model,
-                inputs["input_ids"],
-                inputs.get("attention_mask"),
-                inputs["completion_mask"],
-                **common,
-            )
-        else:
-            cu, ids, completion = packed
-            out = sequence_logprobs(model, ids, None, completion, cu_seqlens=cu, **common)
+        with self._autocast():
+            if packed is None:
+                out = sequence_logprobs(
+                    model,
+                    inputs["input_ids"],
+                    inputs.get("attention_mask"),
+                    inputs["completion_mask"],
+                    **common,
+                )
+            else:
+                cu, ids, completion = packed
+                out = sequence_logprobs(model, ids, None, completion, cu_seqlens=cu, **common)
         stats, aux = out if router_aux_loss else (out, None)
         if ld and packed is not None:  # per packed token → the padded (2P, T − 1) layout
             stats = _unpack_scored(stats, inputs)
@@ -196,19 +197,27 @@ class DPOTrainer(trl.DPOTrainer):
             router_aux_loss=router_aux_loss,
             **model_kwargs,
         )
-        if packed is not None:
-            cu, ids, completion = packed
+        with self._autocast():
+            if packed is not None:
+                cu, ids, completion = packed
+                return sequence_pair_loss(
+                    model, ids, None, completion, chunk_loss, cu_seqlens=cu, **common
+                )
             return sequence_pair_loss(
-                model, ids, None, completion, chunk_loss, cu_seqlens=cu, **common
+                model,
+                inputs["input_ids"],
+                inputs.get("attention_mask"),
+                inputs["completion_mask"],
+                chunk_loss,
+                **common,
             )
-        return sequence_pair_loss(
-            model,
-            inputs["input_ids"],
-            inputs.get("attention_mask"),
-            inputs["completion_mask"],
-            chunk_loss,
-            **common,
-        )
+
+    def _autocast(self):
+        """The mixed-precision autocast (``bf16=True`` / ``fp16=True``) that accelerate wraps
+        around a prepared model's ``forward``: the passes call the backbone and the head inside
+        that forward's place (``_call_through`` redirects it), so they enter it themselves, as
+        stock TRL's model call does. Without mixed precision it does nothing."""
+        return self.accelerator.autocast()
 
     def _reference_context(self):
         if self.ref_model is None and is_peft_model(self.model):
