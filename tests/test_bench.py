@@ -413,3 +413,147 @@ def test_cpu_results_name_the_cpu_kind():
     )
     table = markdown({"device": "cpu: X", "cpu": dict(record, isa=["avx2", "fma"]), "rows": []})
     assert table.startswith("Device: cpu: X (ISA: avx2, fma);")
+
+
+# ----------------------------------------------------------------------------- dpo_step recompute
+
+
+def test_dpo_kernels_recompute_is_ours_without_the_loss_level_path(monkeypatch):
+    """``dpo_kernels_recompute``: FusedLinearDPOLoss with DPO_KERNELS_LOSS_PATH=recompute during
+    its steps only; same loss as ``dpo_kernels``, whose row says it took the fast path."""
+    import os
+
+    import dpo_kernels.loss_path as lp
+    from dpo_kernels.bench.methods import BUILDERS, make_inputs
+
+    monkeypatch.delenv("DPO_KERNELS_LOSS_PATH", raising=False)
+    rows = {
+        m: run_method(dict(TINY, method=m), timeout=300)
+        for m in ("dpo_kernels", "dpo_kernels_recompute")
+    }
+    assert all("error" not in r for r in rows.values()), rows
+    assert rows["dpo_kernels"]["loss_path"] == "fast (1 chunk)"
+    assert (
+        rows["dpo_kernels_recompute"]["loss_path"] == "recompute: DPO_KERNELS_LOSS_PATH=recompute"
+    )
+    ours = rows["dpo_kernels"]
+    suite._check(rows["dpo_kernels_recompute"], ours)
+    assert rows["dpo_kernels_recompute"]["check"] == "ok"
+    assert rows["dpo_kernels_recompute"]["loss_rel_diff"] <= 1e-6
+
+    # In this process: the fast path's fused call runs for dpo_kernels only, and the variable is
+    # set during the recompute method's steps alone.
+    calls = []
+    real = lp.fused_pair_loss
+    monkeypatch.setattr(lp, "fused_pair_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for method, fused in (("dpo_kernels", 1), ("dpo_kernels_recompute", 0)):
+        x = make_inputs(2, 16, 32, 300, torch.float32, "cpu", "dpo_step")
+        calls.clear()
+        BUILDERS[method](x)()
+        assert len(calls) == fused, method
+        assert x.weight.grad is not None and "DPO_KERNELS_LOSS_PATH" not in os.environ
+
+    # Opt-in on dpo_step (the default job keeps its runs and its time). Elsewhere a row says
+    # why: on the log-probs pass (the plain op always recomputes), and for a trainer method on
+    # an LM-head workload.
+    assert {s["method"] for s in suite.plan(_args(), "cpu")} == set(suite.METHODS)
+    named = suite.plan(
+        _args("--preset", "W1", "--methods", "dpo_kernels", "dpo_kernels_recompute"), "cpu"
+    )
+    assert [s["method"] for s in named] == ["dpo_kernels", "dpo_kernels_recompute"]
+    assert "always recomputes" in unavailable_reason(
+        "dpo_kernels_recompute", None, "logprobs_fwd_bwd"
+    )
+    assert unavailable_reason("dpo_kernels_recompute", None, "dpo_step") is None
+    assert "trainer_step only" in unavailable_reason("dpo_kernels_packed", None, "dpo_step")
+
+
+# ----------------------------------------------------------------------------- trainer_step
+
+
+def test_trainer_step_plan_real_vocab_reduced_hidden_and_not_in_the_default_job():
+    from dpo_kernels.bench.methods import TRAINER_METHODS
+
+    specs = suite.plan(_args("--preset", "llama3-8b", "--workload", "trainer_step"), "cpu")
+    assert [s["method"] for s in specs] == list(TRAINER_METHODS)
+    s = specs[0]
+    assert (s["hidden"], s["vocab"], s["real_hidden"]) == (1024, 128256, 4096)
+    assert "instead of llama3-8b's 4096" in s["note"]
+    assert (s["tokens"], s["pairs"], s["seq_len"], s["layers"], s["intermediate"]) == (
+        2048,
+        4,
+        256,
+        2,
+        2048,
+    )
+    assert 1 / 3 <= s["pad_fraction"] <= 1 / 2
+    assert s["real_tokens"] == round((1 - s["pad_fraction"]) * s["tokens"])
+    assert s["scored_tokens"] + s["prompt_tokens"] == s["real_tokens"]
+    assert s["flops"] == 8 * s["scored_tokens"] * 1024 * 128256  # the LM head's passes only
+    # On a GPU: the real D; a custom shape as given; never in a default run.
+    gpu = suite.plan(_args("--preset", "llama3-8b", "--workload", "trainer_step"), "cuda")
+    assert gpu[0]["hidden"] == 4096 and "real_hidden" not in gpu[0] and gpu[0]["tokens"] == 8192
+    for device in ("cpu", "cuda"):
+        assert all(s["workload"] != "trainer_step" for s in suite.plan(_args(), device))
+    # A method a workload has no part in is a row saying so.
+    mixed = suite.plan(
+        _args("--preset", "W1", "--workload", "trainer_step", "--methods", "dpo_kernels", "naive"),
+        "cpu",
+    )
+    assert [(s["workload"], s["hidden"], s["vocab"]) for s in mixed] == [
+        ("trainer_step", 256, 32000)
+    ] * 2
+    assert "trainer_step runs whole trainers" in run_method(mixed[1])["error"]
+    try:
+        suite.plan(
+            _args(
+                "--tokens",
+                "16",
+                "--hidden",
+                "8",
+                "--vocab",
+                "9",
+                "--seq-len",
+                "8",
+                "--workload",
+                "trainer_step",
+            ),
+            "cpu",
+        )
+    except ValueError as e:
+        assert "pads a third to a half" in str(e)
+    else:
+        raise AssertionError("a batch that cannot pad a third to a half must be refused")
+
+
+def test_trainer_step_runs_each_trainer_and_their_losses_agree():
+    """One warm-up (``trainer.train()``, one step) and one timed optimizer step of each method in
+    its own process at a tiny shape: every row timed, the same batch, the same loss."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = suite.plan(
+        _args(
+            *("--tokens", "64", "--hidden", "32", "--vocab", "257", "--seq-len", "16"),
+            *("--workload", "trainer_step", "--repeats", "1"),
+        ),
+        "cpu",
+    )
+    assert specs[0]["method"] == "dpo_kernels" and len(specs) == 4
+    with ThreadPoolExecutor(2) as pool:  # two one-thread workers at a time
+        rows = list(pool.map(lambda s: run_method(dict(s, threads=1), timeout=240), specs))
+    ours = rows[0]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["timed_steps"] == 1 and r["median_ms"] > 0 and math.isfinite(r["peak_mem_mb"])
+        assert (r["tokens"], r["pairs"], r["seq_len"]) == (64, 2, 16)
+        assert 1 / 3 <= r["pad_fraction"] <= 1 / 2 and r["real_tokens"] < r["tokens"]
+        assert r["backbone_params"] > 0 and r["model_params"] > r["backbone_params"]
+        suite._check(r, ours)
+    assert [r["check"] for r in rows[1:]] == ["ok"] * 3
+    assert max(r["loss_rel_diff"] for r in rows[1:]) <= 1e-5
+    # The reference differs from the policy: a method that ignored it (loss log 2) would differ
+    # from ours by 10x that bound (measured 5e-4 relative here; 0.1 at the real head).
+    assert abs(ours["loss"] - math.log(2)) > 1e-4
+    table = markdown({"device": "cpu", "rows": rows})
+    assert f"of 64 padded (pad fraction {ours['pad_fraction']:.0%})" in table
+    assert "| dpo_kernels_packed |" in table and "| trl |" in table

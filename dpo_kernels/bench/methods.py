@@ -5,7 +5,12 @@ the loss (a 0-d tensor, detached). Workloads:
 
 - ``logprobs_fwd_bwd``: the policy's per-sequence log-probs, forward + backward (of their sum);
 - ``dpo_step``: policy forward + backward, reference forward (no autograd), sigmoid DPO loss
-  (ours and Liger's through their ``FusedLinearDPOLoss`` modules, as a user runs them).
+  (ours and Liger's through their ``FusedLinearDPOLoss`` modules, as a user runs them);
+  ``dpo_kernels_recompute`` is ours with the loss-level fast path off
+  (``DPO_KERNELS_LOSS_PATH=recompute``: the plain op, recompute in the backward), so a table shows
+  the fast path, that path and the peers side by side;
+- ``trainer_step``: one optimizer step of a whole DPO trainer (ours padded, packed, recompute;
+  stock TRL's) on a small Llama with a real-size head: :mod:`dpo_kernels.bench.trainer_step`.
 
 Peers compute per-token log-probs their own way; the sum over a sequence's valid tokens and the
 loss on top are the same plain torch for all of them, so only the LM-head part differs.
@@ -13,8 +18,9 @@ loss on top are the same plain torch for all of them, so only the LM-head part d
 Work per step (:func:`work`), the same for every method so that rates compare: with ``Nv`` scored
 (non-ignored) tokens, hidden size ``D``, vocab ``V`` and ``s`` bytes per element of the input
 dtype, a step is ``k`` passes of the ``[Nv × D]·[D × V]`` logits GEMM's size — ``k = 3`` for
-``logprobs_fwd_bwd`` (forward, backward dH, backward dW), ``k = 4`` for ``dpo_step`` (that plus the
-reference forward):
+``logprobs_fwd_bwd`` (forward, backward dH, backward dW), ``k = 4`` for ``dpo_step`` and
+``trainer_step`` (that plus the reference forward; for ``trainer_step`` the LM head's share only:
+the backbone, embedding and optimizer are not counted):
 
     flops = 2·k·Nv·D·V            (6·Nv·D·V and 8·Nv·D·V)
     bytes = k·s·D·(V + Nv)        (each pass reads or writes the head once and the hidden rows once)
@@ -28,37 +34,61 @@ own overhead and not counted. Unused rows (prompt, padding) cost nothing in eith
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+#: The LM-head workloads (the default ones); ``trainer_step`` is :data:`TRAINER_WORKLOAD`.
 WORKLOADS = ("logprobs_fwd_bwd", "dpo_step")
+TRAINER_WORKLOAD = "trainer_step"
+ALL_WORKLOADS = (*WORKLOADS, TRAINER_WORKLOAD)
+#: The LM-head methods: what runs on WORKLOADS unless --methods says.
 METHODS = ("dpo_kernels", "naive", "trl_chunked", "torch_lce", "liger", "cce")
+#: The methods of trainer_step (what runs there unless --methods says);
+#: ``dpo_kernels_recompute`` also runs on ``dpo_step`` when named.
+TRAINER_METHODS = ("dpo_kernels", "dpo_kernels_recompute", "dpo_kernels_packed", "trl")
+ALL_METHODS = tuple(dict.fromkeys(METHODS + TRAINER_METHODS))
+#: Each workload's methods when --methods is not given. ``dpo_kernels_recompute`` is not in
+#: dpo_step's: the default CPU job (dpo_step at llama3-8b) keeps its six runs and its time.
+DEFAULT_METHODS = {
+    "logprobs_fwd_bwd": METHODS,
+    "dpo_step": METHODS,
+    TRAINER_WORKLOAD: TRAINER_METHODS,
+}
 BETA = 0.1
 IGNORE = -100
 #: Passes of the [Nv × D]·[D × V] GEMM's size per step (see the module docstring).
-GEMM_PASSES = {"logprobs_fwd_bwd": 3, "dpo_step": 4}
+GEMM_PASSES = {"logprobs_fwd_bwd": 3, "dpo_step": 4, TRAINER_WORKLOAD: 4}
 
 #: The package each peer needs (None: torch itself).
 REQUIRES = {
     "dpo_kernels": None,
+    "dpo_kernels_recompute": None,
     "naive": None,
     "trl_chunked": "trl",
     "torch_lce": None,
     "liger": "liger_kernel",
     "cce": "cut_cross_entropy",
 }
+#: What trainer_step needs, for every method.
+TRAINER_REQUIRES = ("trl", "transformers", "datasets", "tokenizers")
 #: Methods with no logit softcap (Gemma 2): their rows say so instead of timing another problem.
 NO_SOFTCAP = {
     "torch_lce": "F.linear_cross_entropy has no softcap",
     "liger": "LigerFusedLinearDPOLoss has no softcap",
 }
-#: Methods that compute only one of the workloads.
+#: Methods that compute only one of the LM-head workloads.
 ONLY_WORKLOAD = {
-    "liger": ("dpo_step", "LigerFusedLinearDPOLoss computes a DPO loss, not log-probs alone")
+    "liger": ("dpo_step", "LigerFusedLinearDPOLoss computes a DPO loss, not log-probs alone"),
+    "dpo_kernels_recompute": (
+        "dpo_step",
+        "the plain op always recomputes: dpo_kernels' logprobs_fwd_bwd row is that path",
+    ),
 }
 
 
@@ -220,14 +250,69 @@ def _per_token_method(per_token: Callable) -> Callable:
 # ----------------------------------------------------------------------------- the methods
 
 
-def build_dpo_kernels(x: Inputs):
+def build_dpo_kernels(x: Inputs, loss_path: Optional[str] = None):
     """``logprobs_fwd_bwd``: :func:`dpo_kernels.linear_logprobs`; ``dpo_step``: what a user gets
-    from :class:`dpo_kernels.FusedLinearDPOLoss` (the loss-level path where it applies)."""
+    from :class:`dpo_kernels.FusedLinearDPOLoss` (the loss-level path where it applies), with
+    ``DPO_KERNELS_LOSS_PATH=loss_path`` during each step where given. A ``dpo_step``'s
+    ``step.info["loss_path"]`` says which path the module takes on these inputs: ``"fast (k
+    chunks)"`` or ``"recompute: <why>"``."""
     import dpo_kernels as dk
 
     if x.workload != "dpo_step":
         return _step(x, lambda h, w: dk.linear_logprobs(h, w, x.labels, softcap=x.softcap))
-    return _module_step(x, dk.FusedLinearDPOLoss(beta=BETA, use_ref_model=True, softcap=x.softcap))
+    loss_fn = dk.FusedLinearDPOLoss(beta=BETA, use_ref_model=True, softcap=x.softcap)
+    inner = _module_step(x, loss_fn)
+
+    def step():
+        with loss_path_env(loss_path):
+            return inner()
+
+    with loss_path_env(loss_path):
+        step.info = {"loss_path": _planned_path(x, loss_fn)}
+    return step
+
+
+def build_dpo_kernels_recompute(x: Inputs):
+    """``dpo_step`` through :class:`dpo_kernels.FusedLinearDPOLoss` with the loss-level fast path
+    off (``DPO_KERNELS_LOSS_PATH=recompute``): today's path, the plain op with recompute."""
+    return build_dpo_kernels(x, loss_path="recompute")
+
+
+@contextlib.contextmanager
+def loss_path_env(mode: Optional[str]):
+    """``DPO_KERNELS_LOSS_PATH=mode`` inside the block (each call reads it), restored after;
+    nothing changes where ``mode`` is None."""
+    if mode is None:
+        yield
+        return
+    old = os.environ.get("DPO_KERNELS_LOSS_PATH")
+    os.environ["DPO_KERNELS_LOSS_PATH"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DPO_KERNELS_LOSS_PATH", None)
+        else:
+            os.environ["DPO_KERNELS_LOSS_PATH"] = old
+
+
+def _planned_path(x: Inputs, loss_fn) -> str:
+    """The path :class:`~dpo_kernels.FusedLinearDPOLoss` takes on ``x`` (its own planner, its
+    own arguments)."""
+    from dpo_kernels import loss_path
+
+    chunks = loss_path.plan(
+        x.hidden,
+        x.weight,
+        None,
+        x.labels,
+        ignore_index=loss_fn.ignore_index,
+        backend=loss_fn.backend,
+        separable=loss_fn.options.separable,
+    )
+    if isinstance(chunks, str):
+        return f"recompute: {chunks}"
+    return f"fast ({len(chunks)} chunk{'s' if len(chunks) != 1 else ''})"
 
 
 def _trl_tok(h, w, labels, softcap):
@@ -275,6 +360,7 @@ def build_liger(x: Inputs):
 
 BUILDERS = {
     "dpo_kernels": build_dpo_kernels,
+    "dpo_kernels_recompute": build_dpo_kernels_recompute,
     "naive": _per_token_method(naive_token_logprobs),
     "trl_chunked": _per_token_method(_trl_tok),
     "torch_lce": _per_token_method(_torch_lce_tok),
@@ -286,10 +372,24 @@ BUILDERS = {
 def unavailable_reason(
     method: str, softcap: Optional[float] = None, workload: Optional[str] = None
 ) -> Optional[str]:
-    """Why ``method`` cannot run here (a missing package or API, or a feature it lacks), or
-    None."""
+    """Why ``method`` cannot run here (a missing package or API, or a feature it lacks, or a
+    workload it has no part in), or None."""
+    if method not in ALL_METHODS:
+        return f"unknown method {method!r}; expected one of {', '.join(ALL_METHODS)}"
+    if workload == TRAINER_WORKLOAD:
+        if method not in TRAINER_METHODS:
+            return (
+                f"{method} is an LM-head method; trainer_step runs whole trainers "
+                f"({', '.join(TRAINER_METHODS)})"
+            )
+        if softcap is not None:
+            return "trainer_step builds a Llama, which has no final-logit softcap"
+        for pkg in TRAINER_REQUIRES:
+            if importlib.util.find_spec(pkg) is None:
+                return f"{pkg} is not installed"
+        return None
     if method not in BUILDERS:
-        return f"unknown method {method!r}; expected one of {', '.join(METHODS)}"
+        return f"{method} runs a whole trainer: trainer_step only"
     if softcap is not None and method in NO_SOFTCAP:
         return NO_SOFTCAP[method]
     if workload is not None and method in ONLY_WORKLOAD and workload != ONLY_WORKLOAD[method][0]:

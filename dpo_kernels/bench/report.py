@@ -4,7 +4,8 @@ Each time is followed by its rate (``GFLOP/s``: the workload's useful FLOPs over
 the same count for every method) and that rate as a fraction of the GEMM floor measured in the same
 run (``of GEMM``), "—" where the file has no floor. Files older than the counts get them from
 their rows' shapes (:func:`dpo_kernels.bench.methods.work`, the bench's default quarter of each
-sequence prompt).
+sequence prompt). A ``trainer_step`` table's heading also gives its batch (real and padded
+tokens, the pad fraction) and model (decoder layers, backbone parameters, a reduced hidden size).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Optional
 
 from .methods import scored_tokens, work
@@ -88,7 +90,7 @@ def _floor_rate(result: dict, row: dict) -> Optional[float]:
     return None
 
 
-def _heading(result: dict, row: dict, shape: str) -> str:
+def _heading(result: dict, row: dict, shape: str, rows: Sequence[dict] = ()) -> str:
     cap = f", softcap {row['softcap']:g}" if row.get("softcap") else ""
     counts, floor = _counts(row), _floor_rate(result, row)
     per_step = (
@@ -100,10 +102,27 @@ def _heading(result: dict, row: dict, shape: str) -> str:
             + ("not measured" if floor is None else f"{floor:,.1f} GFLOP/s")
         )
     )
-    return (
+    head = (
         f"**{shape}** ({row['workload']}, {row['dtype']}; {row['tokens']} tokens, "
         f"D = {row['hidden']}, V = {row['vocab']:,}{cap}{per_step})"
     )
+    return head + _trainer_text(row, rows)
+
+
+def _trainer_text(row: dict, rows: Sequence[dict] = ()) -> str:
+    """A trainer_step heading's batch and model: real and padded tokens, the backbone (its
+    parameter count from any row that has it) and a note (a reduced hidden size)."""
+    if "real_tokens" not in row:
+        return ""
+    params = next((r["backbone_params"] for r in (row, *rows) if "backbone_params" in r), None)
+    model = f"a Llama with {row.get('layers', '?')} decoder layers"
+    if params is not None:
+        model += f" ({params / 1e6:,.1f} M backbone parameters)"
+    out = (
+        f". LM-head counts only. {row['pairs']} pairs: {row['real_tokens']:,} real tokens "
+        f"of {row['tokens']:,} padded (pad fraction {row['pad_fraction']:.0%}); {model}"
+    )
+    return out + (f"; {row['note']}" if row.get("note") else "") + "."
 
 
 def markdown(result: dict) -> str:
@@ -137,7 +156,7 @@ def markdown(result: dict) -> str:
         ours = next((r for r in rows if r["method"] == "dpo_kernels" and "median_ms" in r), None)
         checked = any("check" in r for r in rows)
         columns = COLUMNS + (("loss vs ours",) if checked else ())
-        out.append(_heading(result, rows[0], key[0]))
+        out.append(_heading(result, rows[0], key[0], rows))
         out.append("")
         out.append("| " + " | ".join(columns) + " |")
         out.append("|---|" + "---:|" * (len(COLUMNS) - 1) + ("---|" if checked else ""))
@@ -195,7 +214,8 @@ def goals(result: dict) -> str:
     ]
     for (shape, tokens, workload, dtype), rows in groups.items():
         ours = next((r for r in rows if r["method"] == "dpo_kernels" and "median_ms" in r), None)
-        peers = [r for r in rows if r["method"] != "dpo_kernels" and "median_ms" in r]
+        # Peers only: our own variants (recompute, packed) are not what we are measured against.
+        peers = [r for r in rows if not r["method"].startswith("dpo_kernels") and "median_ms" in r]
         if ours is None or not peers:
             continue
         fast = min(peers, key=lambda r: r["median_ms"])

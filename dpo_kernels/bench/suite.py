@@ -20,7 +20,21 @@ each row has ``method``, ``workload``, ``tokens``, ``hidden``, ``vocab``, ``dtyp
 ``gflops`` (``flops`` over the median time), or ``error``; plus ``preset``, ``softcap``, ``pairs``,
 ``seq_len``, ``times_ms``, ``first_step_mem_mb``, ``loss``, ``loss_rel_diff`` (against ours),
 ``check``, ``gemm_gflops`` (the floor at the row's shape) and ``gemm_frac`` (``gflops`` over it).
+A ``dpo_step`` row of ours (``dpo_kernels``, ``dpo_kernels_recompute``) has ``loss_path``: the
+path FusedLinearDPOLoss takes on its inputs (``"fast (k chunks)"`` or ``"recompute: <why>"``).
+A ``trainer_step`` row (one optimizer step of a whole DPO trainer,
+:mod:`dpo_kernels.bench.trainer_step`) has ``tokens`` (the padded batch, 2·pairs·seq_len),
+``real_tokens``, ``pad_fraction``, ``scored_tokens``, ``prompt_tokens``, ``layers``,
+``intermediate``, ``backbone_params`` and ``model_params``, and where its hidden size is not the
+preset's, ``real_hidden`` and ``note``; its ``flops`` and ``bytes`` count the LM head only.
 Older files may lack ``floor`` and the counts; the report shows "—" there.
+
+Workloads: ``logprobs_fwd_bwd`` and ``dpo_step`` by default (a real-head preset on a CPU:
+``dpo_step``); ``trainer_step`` only when named (``--workload trainer_step``), with its own
+methods (``dpo_kernels``, ``dpo_kernels_recompute``, ``dpo_kernels_packed``, ``trl``), batch
+(:data:`TRAINER_TOKENS`, :data:`TRAINER_SEQ_LEN`) and, on a CPU, hidden size
+(:data:`TRAINER_HIDDEN`). ``dpo_kernels_recompute`` runs on ``dpo_step`` when ``--methods``
+names it: the default job keeps its runs and its time.
 """
 
 from __future__ import annotations
@@ -38,8 +52,18 @@ import torch
 
 from .. import __version__
 from . import measure_gemm, run_method
-from .methods import METHODS, WORKLOADS, scored_tokens, work
+from .methods import (
+    ALL_METHODS,
+    ALL_WORKLOADS,
+    DEFAULT_METHODS,
+    METHODS,
+    TRAINER_WORKLOAD,
+    WORKLOADS,
+    scored_tokens,
+    work,
+)
 from .report import error_text
+from .trainer_step import batch_counts, draw_lengths
 
 #: Real LM heads: (hidden size D, vocab size V, final-logit softcap), tokens from TOKENS. A preset
 #: with its own ``tokens``, ``seq_len`` and ``workloads`` is a fixed batch: W1 and W2 are one DPO
@@ -64,6 +88,14 @@ SEQ_LEN = {"cuda": 1024, "cpu": 128}
 #: the main job stays within five minutes on two cores (``--workload logprobs_fwd_bwd`` adds the
 #: log-probs pass; each run of it at a real head costs about as much again).
 PRESET_WORKLOADS = {"cuda": WORKLOADS, "cpu": ("dpo_step",)}
+#: trainer_step on a preset (:mod:`dpo_kernels.bench.trainer_step`): tokens per step (the padded
+#: batch, 2·pairs·seq_len), tokens of the longest sequence, and on a CPU the hidden size (the
+#: vocab stays the preset's). It is never a default workload: each run builds and steps a whole
+#: model (a minute or more on a 2-core CPU, several for stock TRL), so the default job leaves
+#: it out; ``--workload trainer_step`` runs it.
+TRAINER_TOKENS = {"cuda": (8192,), "cpu": (2048,)}
+TRAINER_SEQ_LEN = {"cuda": 1024, "cpu": 256}
+TRAINER_HIDDEN = {"cuda": None, "cpu": 1024}
 #: --quick: one small sweep that finishes in about two minutes on a 2-core CPU.
 QUICK = {
     "cuda": dict(preset="llama3-8b", tokens=(2048, 8192), workloads=WORKLOADS),
@@ -90,6 +122,13 @@ BUDGET = {"cuda": None, "cpu": 4.0}
 TIMEOUT = {"cuda": 300.0, "cpu": 30.0}
 #: Seconds a run's process takes beyond its steps (start, imports, inputs), for the estimate.
 STARTUP_S = {"cuda": 15.0, "cpu": 5.0}
+#: trainer_step: seconds before a run is stopped unless --timeout says (a whole model is built
+#: and stepped), the seconds its building adds to the estimate, and its step time in units of
+#: its counted (LM-head) FLOPs at the estimate's rate (backbone, optimizer and TRL's scoring of
+#: every position are not counted).
+TRAINER_TIMEOUT = {"cuda": 600.0, "cpu": 300.0}
+TRAINER_STARTUP_S = {"cuda": 60.0, "cpu": 25.0}
+TRAINER_STEP_FACTOR = 3.0
 PEERS = ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers")
 
 
@@ -161,35 +200,63 @@ def _split(tokens: int, seq_len: int) -> tuple[int, int]:
     return tokens // (2 * seq_len), seq_len
 
 
+def _trainer_shape(name, head: dict, tokens: int, seq_len: int, kind: str) -> dict:
+    """A preset's trainer_step shape: its vocab; its hidden size unless :data:`TRAINER_HIDDEN`
+    caps it on this device (the row then says so)."""
+    cap = TRAINER_HIDDEN[kind]
+    shape = dict(
+        preset=name,
+        hidden=head["hidden"],
+        vocab=head["vocab"],
+        softcap=head["softcap"],
+        tokens=tokens,
+        seq_len=seq_len,
+        workloads=(TRAINER_WORKLOAD,),
+    )
+    if cap is not None and head["hidden"] > cap:
+        shape.update(
+            hidden=cap,
+            real_hidden=head["hidden"],
+            note=(
+                f"hidden size {cap} instead of {name}'s {head['hidden']} on a {kind.upper()} "
+                f"(vocab real): a D = {head['hidden']} model with its embedding and head under "
+                "AdamW needs ~23 GB and minutes per step on two cores"
+            ),
+        )
+    return shape
+
+
 def plan(args, device: str) -> list[dict]:
     """Every (shape, dtype, workload, method) spec this invocation runs, ours first per shape."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
     dtypes = list(dict.fromkeys(DTYPES[d] for d in args.dtype or ()))
     dtypes = dtypes or ["bfloat16" if kind == "cuda" else "float32"]
     seq_len = args.seq_len or SEQ_LEN[kind]
-    shapes = []  # (preset, hidden, vocab, softcap, tokens, seq_len, workloads)
+
+    def shape(preset, head, tokens, seq, workloads):
+        return dict(
+            preset=preset,
+            hidden=head["hidden"],
+            vocab=head["vocab"],
+            softcap=head.get("softcap"),
+            tokens=tokens,
+            seq_len=seq,
+            workloads=tuple(workloads),
+        )
+
+    shapes = []
     if args.quick:
         quick = QUICK[kind]
         head = PRESETS[quick["preset"]] if "preset" in quick else quick
         shapes += [
-            (
-                quick.get("preset"),
-                head["hidden"],
-                head["vocab"],
-                head.get("softcap"),
-                t,
-                seq_len,
-                quick["workloads"],
-            )
+            shape(quick.get("preset"), head, t, seq_len, args.workload or quick["workloads"])
             for t in args.tokens or quick["tokens"]
         ]
     elif args.hidden or args.vocab:
         if not (args.hidden and args.vocab and args.tokens):
             raise ValueError("a custom shape needs --tokens, --hidden and --vocab")
-        shapes += [
-            (None, args.hidden, args.vocab, args.softcap, t, seq_len, WORKLOADS)
-            for t in args.tokens
-        ]
+        head = dict(hidden=args.hidden, vocab=args.vocab, softcap=args.softcap)
+        shapes += [shape(None, head, t, seq_len, args.workload or WORKLOADS) for t in args.tokens]
     else:
         for name in args.preset or ["llama3-8b"]:
             head = PRESETS[name]
@@ -200,48 +267,50 @@ def plan(args, device: str) -> list[dict]:
                         f"sequences of {head['seq_len']}): drop --tokens/--seq-len, or give "
                         f"--hidden {head['hidden']} --vocab {head['vocab']} for a sweep"
                     )
+                workloads = args.workload or head["workloads"]
+                shapes += [shape(name, head, t, head["seq_len"], workloads) for t in head["tokens"]]
+                continue
+            workloads = args.workload or PRESET_WORKLOADS[kind]
+            lm_head = [w for w in workloads if w != TRAINER_WORKLOAD]
+            if lm_head:
                 shapes += [
-                    (
-                        name,
-                        head["hidden"],
-                        head["vocab"],
-                        head["softcap"],
-                        t,
-                        head["seq_len"],
-                        head["workloads"],
-                    )
-                    for t in head["tokens"]
+                    shape(name, head, t, seq_len, lm_head) for t in args.tokens or TOKENS[kind]
                 ]
-            else:
+            if TRAINER_WORKLOAD in workloads:  # its own batch, and on a CPU a smaller D
+                seq = args.seq_len or TRAINER_SEQ_LEN[kind]
                 shapes += [
-                    (
-                        name,
-                        head["hidden"],
-                        head["vocab"],
-                        head["softcap"],
-                        t,
-                        seq_len,
-                        PRESET_WORKLOADS[kind],
-                    )
-                    for t in args.tokens or TOKENS[kind]
+                    _trainer_shape(name, head, t, seq, kind)
+                    for t in args.tokens or TRAINER_TOKENS[kind]
                 ]
     specs = []
-    for preset, hidden, vocab, softcap, tokens, seq, workloads in shapes:
-        pairs, seq = _split(tokens, seq)
-        scored = scored_tokens(pairs, seq)
+    for sh in shapes:
+        pairs, seq = _split(sh["tokens"], sh["seq_len"])
         for dtype in dtypes:
-            for workload in args.workload or workloads:
-                flops, nbytes = work(workload, scored, hidden, vocab, dtype)
-                for method in args.methods:
+            for workload in sh["workloads"]:
+                extra = {}
+                if workload == TRAINER_WORKLOAD:
+                    # The drawn batch's counts (the worker draws the same lengths again).
+                    extra = batch_counts(draw_lengths(pairs, seq), seq)
+                    extra.update(
+                        layers=args.layers,
+                        intermediate=args.intermediate or 2 * sh["hidden"],
+                        **{k: sh[k] for k in ("real_hidden", "note") if k in sh},
+                    )
+                    scored = extra.pop("scored_tokens")
+                    extra.pop("tokens")  # 2·pairs·seq_len: the shape's own
+                else:
+                    scored = scored_tokens(pairs, seq)
+                flops, nbytes = work(workload, scored, sh["hidden"], sh["vocab"], dtype)
+                for method in args.methods or DEFAULT_METHODS[workload]:
                     specs.append(
                         dict(
                             method=method,
                             workload=workload,
-                            preset=preset,
-                            tokens=tokens,
-                            hidden=hidden,
-                            vocab=vocab,
-                            softcap=softcap,
+                            preset=sh["preset"],
+                            tokens=sh["tokens"],
+                            hidden=sh["hidden"],
+                            vocab=sh["vocab"],
+                            softcap=sh["softcap"],
                             dtype=dtype,
                             pairs=pairs,
                             seq_len=seq,
@@ -252,6 +321,7 @@ def plan(args, device: str) -> list[dict]:
                             scored_tokens=scored,
                             flops=flops,
                             bytes=nbytes,
+                            **extra,
                         )
                     )
     return specs
@@ -313,17 +383,23 @@ def _progress(total: float):
 def estimate_s(spec: dict, rate_gflops: float, timeout: float) -> float:
     """Predicted wall seconds of one run: process start, the warm-up and the timed steps (within
     the budget) at the workload's useful FLOPs over ``rate_gflops``, capped at the timeout. For a
-    GEMM floor entry (no ``flops``), its calls at the GEMM's own FLOPs."""
+    GEMM floor entry (no ``flops``), its calls at the GEMM's own FLOPs. A ``trainer_step`` run
+    adds the model's building (:data:`TRAINER_STARTUP_S`) and takes :data:`TRAINER_STEP_FACTOR`
+    times its counted FLOPs per step."""
     kind = "cuda" if spec["device"].startswith("cuda") else "cpu"
+    startup = STARTUP_S[kind]
     if "flops" in spec:
         step = spec["flops"] / (rate_gflops * 1e9)
+        if spec["workload"] == TRAINER_WORKLOAD:
+            startup += TRAINER_STARTUP_S[kind]
+            step *= TRAINER_STEP_FACTOR
         timed = spec["repeats"] * step
         if spec.get("budget_s") is not None:
             timed = min(timed, spec["budget_s"] + step)
         steps = spec["warmup"] * step + timed
     else:
         steps = min(7 * 2 * spec["rows"] * spec["hidden"] * spec["vocab"] / (rate_gflops * 1e9), 40)
-    return min(STARTUP_S[kind] + steps, timeout)
+    return min(startup + steps, timeout)
 
 
 def _rate_guess(floors: dict, spec: dict, default: float) -> float:
@@ -364,6 +440,13 @@ def run(args, argv) -> dict:
     specs = plan(args, device)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     timeout = args.timeout or TIMEOUT[kind]
+
+    def run_timeout(spec: dict) -> float:
+        """A run's default limit: the device's, or a whole trainer's for trainer_step."""
+        if args.timeout:
+            return args.timeout
+        return TRAINER_TIMEOUT[kind] if spec["workload"] == TRAINER_WORKLOAD else timeout
+
     # One floor per GEMM shape in the run's dtype (each row's fraction). On a CPU also fp32 and
     # bf16 once per head, at its largest row count: which of them runs on matrix units (and how
     # much faster) tells CPU kinds apart, and on a CPU without bf16 units one bf16 GEMM of a real
@@ -392,8 +475,9 @@ def run(args, argv) -> dict:
         ),
         "counts": (
             "flops = 2·k·Nv·D·V, bytes = k·s·D·(V + Nv): Nv scored tokens, s bytes per "
-            "element of dtype, k = 3 (logprobs_fwd_bwd) or 4 (dpo_step); floor: "
-            "torch.mm [Nv × D]·[D × V] alone, in its own process"
+            "element of dtype, k = 3 (logprobs_fwd_bwd) or 4 (dpo_step, and trainer_step's "
+            "LM head: backbone and optimizer not counted); floor: torch.mm [Nv × D]·[D × V] "
+            "alone, in its own process"
         ),
         "floor": [],
         "rows": [],
@@ -417,13 +501,19 @@ def run(args, argv) -> dict:
             for x in (*gemm_specs, *specs)
         ]
 
+    limits = [timeout] * len(gemm_specs) + [run_timeout(x) for x in specs]
     raw = planned({})
-    est = [min(r, timeout) for r in raw]  # what the bar counts: no run outlasts the timeout
+    est = [min(r, t) for r, t in zip(raw, limits)]  # what the bar counts: none outlasts its limit
     bar = _progress(sum(est))
     say = bar.write if bar is not None else print
     say(
         f"dpo-kernels bench on {result['device']}: {len(gemms)} GEMM floor and {len(specs)} "
         f"method runs, each in its own process (timeout {timeout:.0f} s"
+        + (
+            f", trainer_step {TRAINER_TIMEOUT[kind]:.0f} s"
+            if not args.timeout and any(x["workload"] == TRAINER_WORKLOAD for x in specs)
+            else ""
+        )
         + (f", timed steps cut after {budget:.0f} s" if budget is not None else "")
         + f"; estimated {sum(est) / 60:.1f} min) -> {out}/"
     )
@@ -440,7 +530,7 @@ def run(args, argv) -> dict:
         if bar is not None:
             bar.update(est[i])
     raw = planned(floors)  # re-estimate the method runs at the measured rates
-    est = est[: len(gemms)] + [min(r, timeout) for r in raw[len(gemms) :]]
+    est = est[: len(gemms)] + [min(r, t) for r, t in zip(raw, limits)][len(gemms) :]
     if bar is not None and specs:
         bar.total = round(bar.n + sum(est[len(gemms) :]), 1)
         bar.refresh()
@@ -453,7 +543,7 @@ def run(args, argv) -> dict:
             )
         # Unless given, a run may take its estimate at the measured GEMM rate twice over (a slow
         # machine or a busy moment moves every method alike), never less than the default.
-        limit = args.timeout or max(timeout, 2 * raw[len(gemms) + k - 1])
+        limit = args.timeout or max(run_timeout(spec), 2 * raw[len(gemms) + k - 1])
         row = known_too_slow(spec, stopped) or run_method(spec, timeout=limit)
         if row.get("unfinished_step") == "warm-up":
             stopped[_slow_key(row)] = row
@@ -508,10 +598,10 @@ def plot(result: dict, path: Path) -> Optional[str]:
         )
         groups.setdefault(key, []).append(row)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
-    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))  # one colour per method throughout
+    colors = dict(zip(ALL_METHODS, plt.get_cmap("tab10").colors))  # one per method throughout
     for (title, workload, dtype), (ax_t, ax_m) in zip(groups, axes):
         rows = groups[(title, workload, dtype)]
-        for method in METHODS:
+        for method in ALL_METHODS:
             pts = sorted(
                 (r["tokens"], r["median_ms"], r["peak_mem_mb"])
                 for r in rows
@@ -558,11 +648,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=list(PRESETS),
         help="a real LM head, or W1/W2: one fixed CPU DPO step (repeatable; default llama3-8b)",
     )
-    p.add_argument("--tokens", type=int, nargs="+", help="tokens per step (a sweep)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        help="tokens per step (a sweep; trainer_step: of the padded batch, default 8192 GPU, "
+        "2048 CPU)",
+    )
     p.add_argument("--hidden", type=int, help="hidden size D of a custom shape")
     p.add_argument("--vocab", type=int, help="vocab size V of a custom shape")
     p.add_argument("--softcap", type=float, help="final-logit softcap of a custom shape")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 1024 GPU, 128 CPU)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        help="tokens per sequence (default 1024 GPU, 128 CPU; trainer_step: of the longest, "
+        "default 1024 GPU, 256 CPU)",
+    )
     p.add_argument(
         "--dtype",
         nargs="+",
@@ -572,15 +673,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload",
         action="append",
-        choices=list(WORKLOADS),
-        help="repeatable; default both (a real-head preset on a CPU: dpo_step)",
+        choices=list(ALL_WORKLOADS),
+        help="repeatable; default logprobs_fwd_bwd and dpo_step (a real-head preset on a CPU: "
+        "dpo_step); trainer_step (whole DPO trainers, one optimizer step) only when named",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(ALL_METHODS),
+        help=f"default: each workload's own (LM head: {', '.join(METHODS)}; trainer_step: "
+        f"{', '.join(DEFAULT_METHODS[TRAINER_WORKLOAD])}); dpo_kernels_recompute (the loss-level "
+        "fast path off) joins dpo_step when named; a method a workload has no part in is a "
+        "row saying so",
+    )
+    p.add_argument(
+        "--layers", type=int, default=2, help="trainer_step: decoder layers of the model (2)"
+    )
+    p.add_argument(
+        "--intermediate", type=int, help="trainer_step: MLP width of the model (default 2·D)"
+    )
     p.add_argument("--quick", action="store_true", help="a small sweep (~2 min on a 2-core CPU)")
     p.add_argument("--repeats", type=int, help="timed steps per run (default 3; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     p.add_argument(
-        "--timeout", type=float, help="seconds before a run is stopped (default 300 GPU, 30 CPU)"
+        "--timeout",
+        type=float,
+        help="seconds before a run is stopped (default 300 GPU, 30 CPU; trainer_step 600, 300)",
     )
     p.add_argument(
         "--budget",
@@ -593,7 +711,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args, argv) -> int:
     from .report import markdown
 
-    if "dpo_kernels" not in args.methods:
+    if args.methods and "dpo_kernels" not in args.methods:
         print(
             "note: without dpo_kernels in --methods there is no ratio and no loss check",
             file=sys.stderr,

@@ -18,6 +18,9 @@ run (a lower bound on its time).
 A spec with ``"kind": "gemm"`` times the GEMM floor instead (:func:`gemm`): the logits GEMM alone,
 ``torch.mm`` of ``[rows × D]·[D × V]``, in its own process like the methods so that nothing else
 runs beside it.
+
+A method's ``step`` may carry an ``info`` dict (its loss path, its model's parameter counts):
+its entries join the row.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 
 import torch
 
-from .methods import BUILDERS, make_inputs
+from .methods import BUILDERS, TRAINER_WORKLOAD, make_inputs
 
 
 def _rss_mb(field: str) -> float:
@@ -82,24 +85,33 @@ def _timed(fn, cuda: bool):
     return time.perf_counter() - t0, out
 
 
-def run(spec: dict) -> dict:
-    dtype = getattr(torch, spec["dtype"])
-    device = spec["device"]
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
+def build(spec: dict):
+    """The spec's ``step()``: an LM-head method on :func:`make_inputs`' tensors, or a whole
+    trainer (``trainer_step``, :func:`dpo_kernels.bench.trainer_step.build`)."""
+    if spec["workload"] == TRAINER_WORKLOAD:
+        from .trainer_step import build as build_trainer
+
+        return build_trainer(spec)
     x = make_inputs(
         spec["pairs"],
         spec["seq_len"],
         spec["hidden"],
         spec["vocab"],
-        dtype,
-        device,
+        getattr(torch, spec["dtype"]),
+        spec["device"],
         spec["workload"],
         spec.get("prompt_frac", 0.25),
         spec.get("seed", 0),
         spec.get("softcap"),
     )
-    step = BUILDERS[spec["method"]](x)
+    return BUILDERS[spec["method"]](x)
+
+
+def run(spec: dict) -> dict:
+    device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    step = build(spec)
     cuda = device.startswith("cuda")
 
     warmup, repeats = spec.get("warmup", 1), spec.get("repeats", 3)
@@ -124,6 +136,7 @@ def run(spec: dict) -> dict:
         print(f"STEP {1e3 * times[-1]:.1f} {float(loss):.9g} {mark.delta_mb():.3f}", flush=True)
     peak = mark.delta_mb()
     return {
+        **getattr(step, "info", {}),  # what the method says of itself (e.g. its loss path)
         "median_ms": 1e3 * statistics.median(times),
         "times_ms": [1e3 * t for t in times],
         "timed_steps": len(times),
@@ -163,7 +176,8 @@ def gemm(spec: dict) -> dict:
         if warm >= budget / 4:  # a slow GEMM (bf16 without bf16 units): one warm-up call
             break
     times: list[float] = []
-    while len(times) < max(1, spec.get("repeats", 5)) and sum(times) < budget:
+    # At least one timed call, whatever the budget (--budget 0 asks for the fewest).
+    while len(times) < max(1, spec.get("repeats", 5)) and not (times and sum(times) >= budget):
         times.append(_timed(call, cuda)[0])
     med = statistics.median(times)
     return {
