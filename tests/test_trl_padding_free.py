@@ -182,13 +182,16 @@ def test_one_batch_matches_padded_and_stock_trl(
             with_kwargs=True,
         )
     got = _one_batch(packed)
-    # Reference, then policy: each one backbone call on one row of the 8 sequences' 248 tokens
-    # (4 to 67 each: the padded batch has 8 × 67).
+    # Reference, then policy: each one backbone call on the 8 sequences' 248 tokens (4 to 67
+    # each: the padded batch has 8 × 67 = 536) laid in order into rows of the longest, 67 (eager
+    # and sdpa attend over a whole row: never more than padding's attention).
     assert passes == ["packed", "packed"]
     # The packed policy pass takes the loss-level path (no recompute) but for LD-DPO, whose
     # per-token weights need the plain op.
     assert passes.fused == ([] if loss == "ld_dpo" else [True])
-    assert rows == [(torch.Size([1, 248]), None)] * 2
+    assert len(rows) == 2 and rows[0] == rows[1] and rows[0][1] is None
+    n_rows, width = rows[0][0]
+    assert width == 67 and 248 <= n_rows * width < 8 * 67, rows
     assert got[1]["rewards/margins"] != 0  # the reference differs: the comparison has teeth
 
     padded = _trainer(
@@ -505,3 +508,38 @@ def test_packed_flash_attention_matches_padded(tokenizer):
     packed = sequence_logprobs(model, packed_ids, None, packed_completion, cu_seqlens=cu)
     # the same varlen kernel per sequence either way; bf16 hidden states round the same
     torch.testing.assert_close(packed.logps, padded.logps, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_masked_attention_packs_into_rows_of_the_longest_sequence(attn, tokenizer):
+    """eager / sdpa: lengths 5, 3, 2, 6, 1 in order go into rows of 6 as [5] [3 2] [6] [1]
+    (a new row when the next does not fit; a row's tail continues its last sequence), so the
+    masked attention costs at most padding's; the results are the padded call's."""
+    model, _ = tiny_causal_lm_and_reference(tokenizer, "llama", attn)
+    lengths = [5, 3, 2, 6, 1]
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, len(tokenizer), (sum(lengths),), generator=g)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    shapes = []
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, k: shapes.append((tuple(k["input_ids"].shape), k["position_ids"].tolist())),
+        with_kwargs=True,
+    )
+    packed = sequence_logprobs(model, ids, None, None, cu_seqlens=cu)
+    hook.remove()
+    ((shape, positions),) = shapes
+    assert shape == (4, 6)
+    assert positions == [
+        [0, 1, 2, 3, 4, 5],  # 5 tokens and a tail of 1
+        [0, 1, 2, 0, 1, 2],  # 3 and 2, a tail of 1
+        [0, 1, 2, 3, 4, 5],
+        [0, 1, 2, 3, 4, 5],  # 1 token and a tail of 5
+    ]
+    padded_ids = torch.zeros(len(lengths), 6, dtype=ids.dtype)
+    mask = torch.zeros(len(lengths), 6, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        padded_ids[i, : b - a] = ids[a:b]
+        mask[i, : b - a] = 1
+    padded = sequence_logprobs(model, padded_ids, mask, None)
+    for field, a, b in zip(packed._fields, packed, padded):
+        assert _rel(a.double(), b.double()) <= 1e-5, field

@@ -474,9 +474,11 @@ def sequence_logprobs(
     ``S`` sequences back to back, sequence ``s`` at ``[cu_seqlens[s], cu_seqlens[s + 1])``
     (``cu_seqlens (S + 1,)`` integer offsets from 0 to N); ``completion_mask`` is shaped like
     ``input_ids``; ``attention_mask`` must be None (there is no padding). The backbone runs once
-    on the row with position ids restarting at 0 in each sequence and attention kept inside each
-    sequence (see the module docstring for the attention implementations this allows; others
-    raise ``NotImplementedError``). Token ``t`` is scored from the hidden state at ``t − 1`` of
+    with position ids restarting at 0 in each sequence and attention kept inside each sequence
+    (see the module docstring for the attention implementations this allows; others raise
+    ``NotImplementedError``): on the one row with flash attention, on rows as long as the
+    longest sequence with eager / sdpa (their masked attention costs a row's length squared;
+    see ``_Packing``). Token ``t`` is scored from the hidden state at ``t − 1`` of
     the same sequence (a sequence's first token never is)::
 
         logps[s] = Σ_{t in s, t > cu_seqlens[s], completion_mask[t]} log p(x_t | x_{s, <t})
@@ -662,7 +664,7 @@ def _sequence_call(
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         # padded: position t predicts t + 1; packed: every row of the (1, N) row is scored
         # against its own label (ignored at each sequence's last token)
-        hidden = hidden[:, :-1] if packing is None else hidden[0]
+        hidden = hidden[:, :-1] if packing is None else hidden.reshape(-1, hidden.shape[-1])
         result = _call_through(head, head_wrapper, head_forward, hidden)
         if not router_aux_loss:
             return result
@@ -676,7 +678,8 @@ def _sequence_call(
             )
         # As the model's own forward: the attention mask it was given (None: every token counts,
         # as in a packed row, where every token is real).
-        aux_loss = aux_loss_func(router_logits, num_experts, top_k, attention_mask)
+        mask = attention_mask if packing is None else packing.real.long()  # not rows' tails
+        aux_loss = aux_loss_func(router_logits, num_experts, top_k, mask)
         return (result, aux_loss) if pair is None else (*result, aux_loss)
 
     return _call_through(model, wrapper, fused_forward)
@@ -854,13 +857,26 @@ def _argument(module: nn.Module, args, kwargs, name: str):
 
 @dataclasses.dataclass
 class _Packing:
-    """One packed row prepared for the backbone and the head."""
+    """A packed batch prepared for the backbone and the head.
 
-    input_ids: Tensor  # (1, N)
-    labels: Tensor  # (N,): the target of hidden row t (-100: none)
-    cu_seqlens: Tensor  # (S + 1,) int64, on the row's device
-    seq: Tensor  # (N,) the sequence of each token
-    position_ids: Tensor  # (1, N), from 0 in each sequence
+    With flash attention (varlen: cost Σ Lᵢ²) the sequences run as the one row given. With
+    eager and sdpa the attention is a block-diagonal mask over a whole row, whose cost is the
+    row's length squared: one row of N tokens would cost N² per layer where padding costs
+    B·T² (8 sequences of 1k packed: 8× padding's attention). So there the sequences are laid,
+    in order, into rows of the longest sequence's length T, a new row when the next one does
+    not fit: attention at most padding's, linear layers on the real tokens plus the rows' tails.
+    A row's tail continues its last sequence (positions counting on, labels ignored), so every
+    row is contiguous sequences and the head's segments (``cu_seqlens`` of the flattened rows)
+    stay in the caller's order.
+    """
+
+    input_ids: Tensor  # (R, C): the rows the backbone runs
+    labels: Tensor  # (R·C,): the target of flattened hidden row t (-100: none)
+    cu_seqlens: Tensor  # (S + 1,) int64: the sequences' segments of the flattened rows
+    seq: Tensor  # (R, C): the sequence of each position (a tail: its row's last sequence)
+    position_ids: Tensor  # (R, C), from 0 in each sequence
+    real: Tensor  # (R, C) bool: the caller's tokens (not a row's tail)
+    dest: Tensor  # (N,): where each of the caller's tokens went in the flattened rows
     impl: str
     backbone_kwargs: dict
 
@@ -872,28 +888,62 @@ class _Packing:
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
         pos = torch.arange(n, device=device)
         seq = torch.searchsorted(cu, pos, right=True) - 1  # empty sequences are skipped over
-        position_ids = (pos - cu[seq]).unsqueeze(0)
         # Hidden row t predicts token t + 1 when both lie in one sequence and t + 1 is scored.
         keep = seq[1:] == seq[:-1]
         if completion_mask is not None:
             keep &= completion_mask.reshape(-1)[1:].bool()
         labels = torch.full_like(ids, -100)
         labels[:-1] = ids[1:].masked_fill(~keep, -100)
+
+        flash = _is_flash(impl)
+        lengths = (cu[1:] - cu[:-1]).tolist()  # one host read
+        width = n if flash else max(max(lengths, default=1), 1)
+        starts, row, used = [], 0, 0
+        for length in lengths:  # in order: a new row when the next sequence does not fit
+            if used and used + length > width:
+                row, used = row + 1, 0
+            starts.append(row * width + used)
+            used += length
+        rows = row + 1
+        total = rows * width
+        cu_flat = torch.tensor(starts + [total], dtype=torch.int64, device=device)
+        dest = cu_flat[seq] + (pos - cu[seq])
+        flat = torch.arange(total, device=device)
+        seq_flat = torch.searchsorted(cu_flat, flat, right=True) - 1
+        position_ids = (flat - cu_flat[seq_flat]).view(rows, width)
+        ids_flat = torch.zeros(total, dtype=ids.dtype, device=device).index_copy_(0, dest, ids)
+        labels_flat = torch.full((total,), -100, dtype=labels.dtype, device=device)
+        labels_flat.index_copy_(0, dest, labels)
+        real = torch.zeros(total, dtype=torch.bool, device=device)
+        real[dest] = True
         kwargs = {"position_ids": position_ids, "attention_mask": None}
-        if _is_flash(impl):
+        if flash:
             # transformers' varlen path; without these it reads them from the position ids in
             # every layer (a host sync per layer), here once per call
-            cu32 = cu.to(torch.int32)
-            longest = int((cu[1:] - cu[:-1]).max())
+            cu32 = cu_flat.to(torch.int32)
+            longest = max(lengths, default=0)
             kwargs.update(
                 cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=longest, max_length_k=longest
             )
-        return cls(ids.unsqueeze(0), labels, cu, seq, position_ids, impl, kwargs)
+        return cls(
+            ids_flat.view(rows, width),
+            labels_flat,
+            cu_flat,
+            seq_flat.view(rows, width),
+            position_ids,
+            real.view(rows, width),
+            dest,
+            impl,
+            kwargs,
+        )
 
     def per_input_token(self, stats: LogProbStats, shape) -> LogProbStats:
-        """Per-token stats of hidden rows (row t scores token t + 1) moved onto the tokens they
-        score, shaped like ``input_ids`` (0 at each sequence's first token)."""
-        return LogProbStats(*(torch.cat([f.new_zeros(1), f[:-1]]).reshape(shape) for f in stats))
+        """Per-token stats of the flattened hidden rows (row t scores token t + 1) moved onto
+        the caller's tokens they score, shaped like ``input_ids`` (0 at each sequence's first
+        token)."""
+        return LogProbStats(
+            *(torch.cat([f.new_zeros(1), f[self.dest][:-1]]).reshape(shape) for f in stats)
+        )
 
     @contextlib.contextmanager
     def attention_check(self, hf_model: nn.Module):
@@ -903,11 +953,12 @@ class _Packing:
         if self.impl in _VERIFIED.get(hf_model, ()):
             yield
             return
-        if int(((self.cu_seqlens[1:] - self.cu_seqlens[:-1]) > 0).sum()) < 2:
-            yield  # one sequence: nothing to keep apart, nothing to learn about the model
+        shared = (self.seq[:, 1:] != self.seq[:, :-1]) & self.real[:, 1:]
+        if not bool(shared.any()):
+            yield  # no row holds two sequences: nothing to keep apart, nothing to learn
             return
         flash = _is_flash(self.impl)
-        n = self.seq.shape[0]
+        width = self.seq.shape[1]
         seen, masks = [], []
         name_of = type(hf_model).__name__
 
@@ -932,15 +983,16 @@ class _Packing:
                         refuse(layer, "did not receive the packed position ids")
                 elif not isinstance(mask, Tensor) or mask.dim() != 4:
                     refuse(layer, f"got no 4D attention mask (got {_shape(mask)})")
-                elif tuple(mask.shape[-2:]) != (n, n):
-                    refuse(layer, f"got a mask of shape {tuple(mask.shape)} for {n} tokens")
+                elif tuple(mask.shape[-2:]) != (width, width):
+                    refuse(layer, f"got a mask of shape {tuple(mask.shape)} for rows of {width}")
                 elif not any(mask is m for m in masks):
                     masks.append(mask)
                     allowed = (
                         mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
                     )
-                    seq = self.seq.to(mask.device)
-                    if bool((allowed & (seq.view(-1, 1) != seq.view(1, -1))).any()):
+                    seq = self.seq.to(mask.device)  # (R, C): pairs of one row
+                    apart = (seq[:, :, None] != seq[:, None, :])[:, None]
+                    if bool((allowed & apart).any()):
                         refuse(layer, "got a mask that joins tokens of different sequences")
                 seen.append(layer)
 
