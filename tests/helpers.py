@@ -477,3 +477,73 @@ def tiny_moe_policy_and_reference(tokenizer, seed=0):
     )
     policy = transformers.MixtralForCausalLM(config).float()
     return policy, perturbed_copy(policy)
+
+
+# ----------------------------------------------------------------------------- TRL parity
+
+
+def make_dpo_trainer(
+    cls, policy, reference, tokenizer, dataset, tmp_path, *, peft_config=None, **config
+):
+    """``cls`` (stock ``trl.DPOTrainer`` or the drop-in) on ``policy`` and ``reference`` (None:
+    none; with a PEFT config the reference is the adapter-disabled policy) with
+    :func:`tiny_dpo_config`'s arguments, TRL's construction warnings silenced."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(
+            model=policy,
+            ref_model=None if peft_config is not None else reference,
+            args=tiny_dpo_config(tmp_path, **config),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+
+
+def trainer_batch(trainer, n=4):
+    """The collated, device-placed batch of the first ``n`` training examples."""
+    return trainer._prepare_inputs(
+        trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+    )
+
+
+def trl_one_batch(trainer, n=4):
+    """Loss, logged metrics (the last value of each) and parameter gradients of one training
+    batch of the first ``n`` examples, through the trainer's own ``compute_loss``."""
+    batch = trainer_batch(trainer, n)
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), metrics, grads
+
+
+def max_rel(a, b) -> float:
+    """``max |a − b| / max |b|``."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def assert_trl_parity(ours, theirs, rtol=1e-4):
+    """Two :func:`trl_one_batch` results agree: the loss and every gradient within ``rtol``
+    relative, the same metrics logged in the same order, each within ``rtol`` (1e-5 absolute
+    near 0). Returns the largest differences ``(loss, (metric, name), gradient)``."""
+    import math
+
+    loss, metrics, grads = ours
+    want_loss, want_metrics, want_grads = theirs
+    torch.testing.assert_close(loss, want_loss, rtol=rtol, atol=1e-6)
+    assert list(metrics) == list(want_metrics)  # the same metrics, logged in the same order
+    for k, want in want_metrics.items():
+        assert math.isclose(metrics[k], want, rel_tol=rtol, abs_tol=1e-5), (k, metrics[k], want)
+    assert grads.keys() == want_grads.keys() and grads
+    worst = 0.0
+    for name, g in want_grads.items():
+        worst = max(worst, max_rel(grads[name], g))
+        assert max_rel(grads[name], g) <= rtol, name
+    metric_diff = max(((abs(metrics[k] - v), k) for k, v in want_metrics.items()), default=None)
+    return max_rel(loss, want_loss), metric_diff, worst

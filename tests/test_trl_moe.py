@@ -4,7 +4,6 @@ stock trl.DPOTrainer does. Tiny random Mixtral / Qwen2-MoE / Qwen3-MoE in fp32 o
 gives the same loss, logged metrics (``aux_loss`` included) and parameter gradients."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -19,11 +18,15 @@ from dpo_kernels.integrations import transformers as dk_hf  # noqa: E402
 from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
 
 from .helpers import (  # noqa: E402
+    assert_trl_parity,
+    make_dpo_trainer,
+    max_rel,
     perturbed_copy,
-    tiny_dpo_config,
     tiny_policy_and_reference,
     tiny_preference_dataset,
     tiny_tokenizer,
+    trainer_batch,
+    trl_one_batch,
 )
 
 RTOL = 1e-4  # the issue's bound
@@ -87,60 +90,17 @@ def _moe_policy_and_reference(tokenizer, family, seed=0, **config):
 
 def _trainer(cls, tokenizer, dataset, tmp_path, family="mixtral", model_config=None, **config):
     policy, reference = _moe_policy_and_reference(tokenizer, family, **(model_config or {}))
-    args = tiny_dpo_config(tmp_path, **config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cls(
-            model=policy,
-            ref_model=reference,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
-
-
-def _batch(trainer):
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    return trainer._prepare_inputs(batch)
-
-
-def _one_batch(trainer):
-    """Loss, logged metrics and gradients for the first 4 examples."""
-    batch = _batch(trainer)
-    trainer.model.train()
-    trainer.model.zero_grad(set_to_none=True)
-    trainer._metrics["train"].clear()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return loss.detach(), metrics, grads
-
-
-def _max_rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+    return make_dpo_trainer(cls, policy, reference, tokenizer, dataset, tmp_path, **config)
 
 
 def _assert_parity(ours, stock):
     """Returns the largest relative differences (loss, metric, gradient) for the report."""
-    loss, metrics, grads = ours
-    want_loss, want_metrics, want_grads = stock
-    torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=1e-6)
-    assert list(metrics) == list(want_metrics)  # same metrics, logged in the same order
-    for k in want_metrics:
-        assert math.isclose(metrics[k], want_metrics[k], rel_tol=RTOL, abs_tol=1e-5), (
-            k,
-            metrics[k],
-            want_metrics[k],
-        )
-    assert grads.keys() == want_grads.keys() and grads
-    worst = 0.0
-    for name, g in want_grads.items():
-        worst = max(worst, _max_rel(grads[name], g))
-        assert _max_rel(grads[name], g) <= RTOL, name
-    metric_diff = max((abs(metrics[k] - v), k) for k, v in want_metrics.items())
-    aux_diff = abs(metrics.get("aux_loss", 0.0) - want_metrics.get("aux_loss", 0.0))
-    return _max_rel(loss, want_loss), metric_diff, aux_diff, worst
+    loss_diff, metric_diff, worst = assert_trl_parity(ours, stock, RTOL)
+    aux_diff = abs(ours[1].get("aux_loss", 0.0) - stock[1].get("aux_loss", 0.0))
+    return loss_diff, metric_diff, aux_diff, worst
+
+
+_batch, _one_batch, _max_rel = trainer_batch, trl_one_batch, max_rel
 
 
 def _router_weights(grads):

@@ -10,7 +10,6 @@ of ``sequence_logprobs`` against its padded one.
 """
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -29,11 +28,14 @@ from dpo_kernels.integrations.transformers import (  # noqa: E402
 )
 
 from .helpers import (  # noqa: E402
+    assert_trl_parity,
+    make_dpo_trainer,
+    max_rel,
     tiny_causal_lm_and_reference,
-    tiny_dpo_config,
     tiny_moe_policy_and_reference,
     tiny_tokenizer,
     tiny_varied_preference_dataset,
+    trl_one_batch,
 )
 
 # The issue's bound. Measured (CPU, fp32): loss and metrics equal padding_free=False's exactly,
@@ -54,46 +56,16 @@ def dataset():
 
 def _trainer(cls, tokenizer, dataset, tmp_path, *, models=None, peft_config=None, **config):
     policy, reference = models if models is not None else tiny_causal_lm_and_reference(tokenizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cls(
-            model=policy,
-            ref_model=None if peft_config is not None else reference,
-            args=tiny_dpo_config(tmp_path, **config),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
+    return make_dpo_trainer(
+        cls, policy, reference, tokenizer, dataset, tmp_path, peft_config=peft_config, **config
+    )
 
 
-def _one_batch(trainer):
-    """Loss, logged metrics and gradients for the first 4 pairs."""
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    batch = trainer._prepare_inputs(batch)
-    trainer.model.train()
-    trainer.model.zero_grad(set_to_none=True)
-    trainer._metrics["train"].clear()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return loss.detach(), metrics, grads
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+_one_batch, _rel = trl_one_batch, max_rel
 
 
 def _assert_parity(ours, theirs):
-    loss, metrics, grads = ours
-    want_loss, want_metrics, want_grads = theirs
-    torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=1e-6)
-    assert list(metrics) == list(want_metrics)  # the same metrics, logged in the same order
-    for k, want in want_metrics.items():
-        assert math.isclose(metrics[k], want, rel_tol=RTOL, abs_tol=1e-5), (k, metrics[k], want)
-    assert grads.keys() == want_grads.keys() and grads
-    for name, g in want_grads.items():
-        assert _rel(grads[name], g) <= RTOL, (name, _rel(grads[name], g))
+    assert_trl_parity(ours, theirs, RTOL)
 
 
 @pytest.fixture

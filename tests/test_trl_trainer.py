@@ -3,7 +3,6 @@
 precomputed reference log-probs and LoRA runs work."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -16,10 +15,12 @@ tokenizers = pytest.importorskip("tokenizers")
 from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
 
 from .helpers import (  # noqa: E402
-    tiny_dpo_config,
+    assert_trl_parity,
+    make_dpo_trainer,
     tiny_policy_and_reference,
     tiny_preference_dataset,
     tiny_tokenizer,
+    trl_one_batch,
 )
 
 RTOL = 1e-4  # the issue's bound; measured differences are ~1e-6 (fp32 summation order)
@@ -37,48 +38,17 @@ def dataset():
 
 def _trainer(cls, tokenizer, dataset, tmp_path, *, ref=True, peft_config=None, **config):
     policy, reference = tiny_policy_and_reference(tokenizer)
-    args = tiny_dpo_config(tmp_path, **config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cls(
-            model=policy,
-            ref_model=reference if ref and peft_config is None else None,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
+    reference = reference if ref else None
+    return make_dpo_trainer(
+        cls, policy, reference, tokenizer, dataset, tmp_path, peft_config=peft_config, **config
+    )
 
 
-def _one_batch(trainer):
-    """Loss, logged metrics and gradients for the first 4 examples."""
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    batch = trainer._prepare_inputs(batch)
-    trainer.model.train()
-    trainer.model.zero_grad(set_to_none=True)
-    trainer._metrics["train"].clear()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return loss.detach(), metrics, grads
+_one_batch = trl_one_batch
 
 
 def _assert_parity(ours, stock):
-    loss, metrics, grads = ours
-    want_loss, want_metrics, want_grads = stock
-    torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=1e-6)
-    assert metrics.keys() == want_metrics.keys()
-    for k in want_metrics:
-        assert math.isclose(metrics[k], want_metrics[k], rel_tol=RTOL, abs_tol=1e-5), (
-            k,
-            metrics[k],
-            want_metrics[k],
-        )
-    assert grads.keys() == want_grads.keys() and grads
-    for name, g in want_grads.items():
-        scale = g.abs().max().clamp(min=1e-12)
-        assert ((grads[name] - g).abs().max() / scale) <= RTOL, name
+    assert_trl_parity(ours, stock, RTOL)
 
 
 CONFIGS = {
