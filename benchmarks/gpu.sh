@@ -17,7 +17,8 @@
 #      the same GEMMs                                                   -> probe.json
 #   4. `dpo-kernels bench` at the Llama-3-8B head, 16,384 tokens per step, bf16, workloads
 #      logprobs_fwd_bwd and dpo_step, against TRL's fused head, Liger, CCE, torch_lce and
-#      naive (a failure, an OOM or a timeout is a row)                 -> bench/results.{json,png}
+#      naive, and ours with the loss-level path off (dpo_kernels_recompute: what the Triton
+#      keep-logits kernels save; a failure, an OOM or a timeout is a row) -> bench/results.{json,png}
 #   5. benchmarks/gpu_results.py: all of it in one file                 -> results.json
 # A step that fails or reaches its cap is recorded (steps.tsv) and the next one runs.
 # Environment: PYTHON (default python3), GPU_OUT (the output folder).
@@ -25,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PEERS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets dill multiprocess)
-METHODS=(dpo_kernels trl_chunked liger cce torch_lce naive)  # ours first: the loss check
+METHODS=(dpo_kernels dpo_kernels_recompute trl_chunked liger cce torch_lce naive)  # ours first
 PY=${PYTHON:-python3}
 T0=$SECONDS
 
