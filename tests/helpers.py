@@ -332,13 +332,10 @@ def tiny_preference_dataset(rows=8):
     return datasets.Dataset.from_list(out)
 
 
-def tiny_policy_and_reference(tokenizer, seed=0):
-    """A tiny random fp32 Llama and a reference that differs from it by small noise (so
-    rewards and margins are not all zero)."""
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+def tiny_lm_config(tokenizer, **extra) -> dict:
+    """The config fields every tiny test LM shares (2 layers of width 32, 4 query and 2
+    key/value heads, the tokenizer's special ids), with ``extra`` on top."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -348,9 +345,14 @@ def tiny_policy_and_reference(tokenizer, seed=0):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        **extra,
     )
-    policy = transformers.LlamaForCausalLM(config).float()
-    return policy, perturbed_copy(policy)
+
+
+def tiny_policy_and_reference(tokenizer, seed=0):
+    """A tiny random fp32 Llama and a reference that differs from it by small noise (so
+    rewards and margins are not all zero)."""
+    return tiny_causal_lm_and_reference(tokenizer, "llama", seed=seed)
 
 
 def perturbed_copy(policy):
@@ -428,17 +430,7 @@ def tiny_causal_lm_and_reference(tokenizer, family="llama", attn_implementation=
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    common = tiny_lm_config(tokenizer)
     if family == "llama":
         policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif family == "qwen2":
@@ -460,20 +452,14 @@ def tiny_moe_policy_and_reference(tokenizer, seed=0):
 
     torch.manual_seed(seed)
     config = transformers.MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        output_router_logits=True,
-        router_aux_loss_coef=0.1,
-        experts_implementation="batched_mm",  # fixed GEMM shapes: no per-shape set-up on CPU
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
+        **tiny_lm_config(
+            tokenizer,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            output_router_logits=True,
+            router_aux_loss_coef=0.1,
+            experts_implementation="batched_mm",  # fixed GEMM shapes: no per-shape CPU set-up
+        )
     )
     policy = transformers.MixtralForCausalLM(config).float()
     return policy, perturbed_copy(policy)

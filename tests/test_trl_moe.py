@@ -22,6 +22,7 @@ from .helpers import (  # noqa: E402
     make_dpo_trainer,
     max_rel,
     perturbed_copy,
+    tiny_lm_config,
     tiny_policy_and_reference,
     tiny_preference_dataset,
     tiny_tokenizer,
@@ -63,27 +64,16 @@ def _moe_policy_and_reference(tokenizer, family, seed=0, **config):
     if not hasattr(transformers, model_cls):
         pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
     torch.manual_seed(seed)
-    cfg = getattr(transformers, config_cls)(
-        **{
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "num_experts_per_tok": 2,
-            "output_router_logits": True,
-            "router_aux_loss_coef": 0.1,
-            # fixed GEMM shapes: the default grouped_mm makes new per-expert shapes for every
-            # model (seconds of one-off kernel set-up on CPU); the aux loss does not depend on it
-            "experts_implementation": "batched_mm",
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": None,
-            **extra,
-            **config,
-        }
+    moe = tiny_lm_config(
+        tokenizer,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.1,
+        # fixed GEMM shapes: the default grouped_mm makes new per-expert shapes for every
+        # model (seconds of one-off kernel set-up on CPU); the aux loss does not depend on it
+        experts_implementation="batched_mm",
     )
+    cfg = getattr(transformers, config_cls)(**{**moe, **extra, **config})
     policy = getattr(transformers, model_cls)(cfg).float()
     return policy, perturbed_copy(policy)
 
