@@ -44,10 +44,11 @@ def token_results(z, safe_labels, out, with_stats: bool) -> torch.Tensor:
     their norm ``(2, n)`` (a view of ``out``)."""
     m = z.amax(dim=-1)
     # Relative to the maximum (0 for a row of -inf logits: no NaN from -inf − -inf).
-    rel = z - torch.where(m == float("-inf"), 0.0, m)[:, None]
+    m_ref = torch.where(m == float("-inf"), 0.0, m)
+    rel = z - m_ref[:, None]
     log_s = torch.log(torch.exp(rel).sum(dim=-1))
-    target = rel.gather(1, safe_labels[:, None]).squeeze(1)
-    out[0] = target - log_s  # (z_t − m) − log_s: no rounded log-sum-exp of |z|'s size
+    z_t = z.gather(1, safe_labels[:, None]).squeeze(1)
+    out[0] = (z_t - m_ref) - log_s  # no rounded log-sum-exp of |z|'s size
     out[1] = m
     out[2] = log_s
     if with_stats:
@@ -57,7 +58,7 @@ def token_results(z, safe_labels, out, with_stats: bool) -> torch.Tensor:
         p = torch.exp(logp)
         out[3] = (z * (1.0 / z.shape[1])).sum(dim=-1)  # each term scaled: no overflow
         out[4] = -torch.where(p == 0, 0.0, p * logp).sum(dim=-1)
-        out[5] = (z.gather(1, safe_labels[:, None]).squeeze(1) >= m).to(out.dtype)
+        out[5] = (z_t >= m).to(out.dtype)
         out[6] = torch.logsumexp(2.0 * logp, dim=-1)
     return out[1:3]
 
