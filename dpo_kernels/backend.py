@@ -49,6 +49,7 @@ __all__ = [
     "resolve",
     "scatter_rows",
     "segment_sum",
+    "sequence_offsets",
     "validate_data",
 ]
 
@@ -386,6 +387,18 @@ def check_cu_seqlens(cu_seqlens: Tensor, n: int) -> None:
         )
 
 
+def sequence_offsets(labels: Tensor, ignore_index: int, cu_seqlens: Tensor):
+    """``(valid, prefix, seg)`` of ``labels (N,)``: which rows are scored, the running count of
+    scored rows ``(N + 1,)``, and each sequence's offsets into the scored rows ``(S + 1,)``
+    (sequence ``s`` is rows ``cu_seqlens[s]:cu_seqlens[s + 1]``)."""
+    n = labels.shape[0]
+    cu = cu_seqlens.to(device=labels.device, dtype=torch.int64)
+    valid = labels != ignore_index
+    prefix = torch.zeros(n + 1, dtype=torch.int64, device=labels.device)
+    torch.cumsum(valid, 0, out=prefix[1:])
+    return valid, prefix, prefix[cu.clamp(0, n)]
+
+
 def compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check, sync_free=False):
     """Checks data where that is free (if ``check``), compacts the valid rows, maps sequences.
 
@@ -401,9 +414,7 @@ def compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check, sync_
     if check and cu_checked:
         check_cu_seqlens(cu_seqlens, n)
     cu = cu_seqlens.to(device=hidden.device, dtype=torch.int64)
-    valid = labels != ignore_index
-    prefix = torch.zeros(n + 1, dtype=torch.int64, device=hidden.device)
-    torch.cumsum(valid, 0, out=prefix[1:])
+    valid, prefix, seg = sequence_offsets(labels, ignore_index, cu)
     count = prefix[n:]  # (1,) number of valid rows, on the device
     if sync_free:
         # Valid rows first, in order, then the ignored ones: a permutation built on the device.
@@ -413,7 +424,6 @@ def compact(hidden, weight, bias, labels, cu_seqlens, ignore_index, check, sync_
     else:
         # The device->host sync of each pass: the number of valid rows sizes every launch.
         rows = valid.nonzero().squeeze(1)
-    seg = prefix[cu.clamp(0, n)]
     cu_ok = None
     if not cu_checked:
         # No sync on CUDA: a malformed cu_seqlens turns the outputs into NaN instead.

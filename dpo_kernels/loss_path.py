@@ -48,6 +48,7 @@ from .backend import (
     compute_dtype,
     resolve,
     segment_sum,
+    sequence_offsets,
     validate_data,
 )
 from .logprobs import LogProbStats, _autocast_inputs, _check_args, _check_overflow, _per_row
@@ -104,7 +105,7 @@ def plan(
     chosen = resolve(backend, hidden.device, hidden.dtype)
     if not chosen.keeps_logits:
         return f"backend {chosen.name!r} does not keep logits"
-    counts = _sequence_counts(labels, ignore_index, cu_seqlens)
+    counts = _sequence_offsets(labels, ignore_index, cu_seqlens)[2].diff()
     pairs = counts.shape[0] // 2 if paired else counts.shape[0]
     item = torch.finfo(compute_dtype(hidden.dtype)).bits // 8
     row_bytes = weight.shape[0] * item
@@ -134,26 +135,13 @@ def plan(
     return chunks
 
 
-def _sequence_counts(labels: Tensor, ignore_index: int, cu_seqlens: Optional[Tensor]) -> Tensor:
-    """Scored tokens per sequence: of each row of ``labels (S, T)``, or of each segment of the
-    packed ``labels (N,)``."""
-    valid = labels != ignore_index
+def _sequence_offsets(labels: Tensor, ignore_index: int, cu_seqlens: Optional[Tensor]):
+    """:func:`~dpo_kernels.backend.sequence_offsets` of the rows of ``labels (S, T)`` (each row
+    a sequence) or of the packed ``labels (N,)`` with its ``cu_seqlens``."""
     if cu_seqlens is None:
-        return valid.sum(dim=1)
-    cu = cu_seqlens.to(device=labels.device, dtype=torch.int64)
-    upto = torch.zeros(valid.shape[0] + 1, dtype=torch.int64, device=labels.device)
-    torch.cumsum(valid, 0, out=upto[1:])
-    return upto[cu[1:]] - upto[cu[:-1]]
-
-
-def _sequence_rows(labels: Tensor, ignore_index: int, cu_seqlens: Optional[Tensor]):
-    """``(valid_rows, start, counts)``: the flat indices of the scored rows in increasing order,
-    and where each sequence's run of them starts in that list, and how long it is."""
-    flat = labels.reshape(-1)
-    valid_rows = (flat != ignore_index).nonzero().squeeze(1)
-    counts = _sequence_counts(labels, ignore_index, cu_seqlens)
-    start = torch.cumsum(counts, 0) - counts
-    return valid_rows, start, counts
+        n_seq, seq_len = labels.shape
+        cu_seqlens = torch.arange(n_seq + 1, device=labels.device) * seq_len
+    return sequence_offsets(labels.reshape(-1), ignore_index, cu_seqlens)
 
 
 def _rows_of(seqs: Tensor, valid_rows: Tensor, start: Tensor, counts: Tensor) -> Tensor:
@@ -187,9 +175,10 @@ class _Job:
         labels = self.labels.reshape(-1).to(torch.int64)
         weight = weight.contiguous()
         bias = None if bias is None else bias.contiguous()
-        valid_rows, start, counts = _sequence_rows(
+        valid, _, seg = _sequence_offsets(
             self.labels.to(hidden.device), self.opts.ignore_index, self.cu_seqlens
         )
+        valid_rows, start, counts = valid.nonzero().squeeze(1), seg[:-1], seg.diff()
         n_seq = counts.shape[0]
         pairs = n_seq // 2 if self.paired else n_seq
         stats = [torch.zeros(n_seq, dtype=acc, device=hidden.device) for _ in range(5)]
